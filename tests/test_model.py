@@ -1,0 +1,163 @@
+"""The JAX forward on synthetic GGUF models: against the float64 NumPy reference, cached
+decoding against one full forward, batched rows against rows alone, both layer layouts."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import realm_jax as rj
+from realm_jax.batching import decode_step, prefill_step, prompt_logits
+from realm_jax.config import tiny
+from realm_jax.gguf import read_gguf
+from realm_jax.kv_cache import init_cache
+from realm_jax.reference import forward_reference
+from realm_jax.sampling import Sampling, SamplingParams
+from realm_jax.testing import assert_close, random_tensors, write_gguf
+
+# (name, config, matrix storage type): tied and untied output, GQA and plain MHA, a partial
+# RoPE, and several quantization types (K-quants need rows that are multiples of 256).
+CASES = [
+    ("gqa_tied_q8", tiny(vocab_size=300), "Q8_0"),
+    ("mha_untied_f32", tiny(vocab_size=300, n_kv_heads=4, tied_embeddings=False), "F32"),
+    ("gqa3_q4_1", tiny(vocab_size=300, n_heads=6, n_kv_heads=2, head_dim=16, dim=96), "Q4_1"),
+    ("mqa_f16_partial_rope", tiny(vocab_size=300, n_kv_heads=1, rope_dim=8), "F16"),
+    ("q5_0_untied", tiny(vocab_size=300, tied_embeddings=False), "Q5_0"),
+    ("bf16", tiny(vocab_size=300), "BF16"),
+    (
+        "q6_k",
+        tiny(vocab_size=300, dim=256, ffn_dim=256, head_dim=64, n_heads=4, n_kv_heads=2),
+        "Q6_K",
+    ),
+    (
+        "q4_k_untied",
+        tiny(vocab_size=300, dim=256, ffn_dim=512, head_dim=64, tied_embeddings=False),
+        "Q4_K",
+    ),
+]
+
+
+# The properties below do not depend on the storage type: run them on the three layouts only
+# (each case costs several XLA compilations).
+LAYOUT_CASES = CASES[:3]
+
+
+def _load(name, config, qtype, tmp_path_factory):
+    path = tmp_path_factory.mktemp(name) / f"{name}.gguf"
+    write_gguf(path, config, random_tensors(config, seed=len(name)), qtype=qtype)
+    return rj.load_model(path), read_gguf(path)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def any_case(request, tmp_path_factory):
+    return _load(*request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def case(request, tmp_path_factory):
+    return _load(*request.param, tmp_path_factory)
+
+
+def _prompt(model, length, seed=0):
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, size=length).tolist()
+
+
+def test_forward_matches_float64_reference(any_case):
+    model, contents = any_case
+    ids = _prompt(model, 37)
+    expected = forward_reference(contents.config, contents.tensors, ids)
+    assert_close(rj.logits(model, ids), expected, what="logits vs float64 reference")
+
+
+def test_cached_decoding_equals_full_forward(case):
+    """Prefill 11 tokens, then feed 19 more one at a time: logits equal the full forward."""
+    model, _ = case
+    ids = _prompt(model, 30, seed=1)
+    full = rj.logits(model, ids)
+    config, capacity = model.config, 32
+    cache = init_cache(config, 1, capacity)
+    greedy = SamplingParams.from_rows([Sampling()])
+    zeros = jnp.zeros((1,), jnp.int32)
+    tokens = jnp.asarray([ids[:11] + [0] * 5], jnp.int32)
+    _, logits, cache = prefill_step(
+        model.params, tokens, jnp.asarray([11]), cache, greedy, zeros, zeros,
+        config=config, attn_len=capacity,
+    )
+    stepwise = [np.asarray(logits[0])]
+    for token in ids[11:]:
+        _, logits, cache = decode_step(
+            model.params, jnp.asarray([token], jnp.int32), jnp.ones((1,), bool), cache,
+            greedy, zeros, zeros, config=config, attn_len=capacity,
+        )
+        stepwise.append(np.asarray(logits[0]))
+    assert int(cache.lengths[0]) == 30
+    assert_close(np.stack(stepwise), full[10:], what="cached decode vs full forward")
+
+
+def test_batched_rows_equal_rows_alone(case):
+    """Rows of different lengths in one padded batch: bitwise the logits they give beside
+    other neighbours in a batch of the same shape (the same computation), and within float32
+    tolerance of the row run alone (a batch of 1 is a different matmul shape on CPU)."""
+    model, _ = case
+    config = model.config
+    lengths = [29, 7, 18]
+    rows = [_prompt(model, n, seed=10 + n) for n in lengths]
+
+    def run(batch_rows):
+        tokens = np.zeros((len(batch_rows), 32), np.int32)
+        for b, row in enumerate(batch_rows):
+            tokens[b, : len(row)] = row
+        counts = jnp.asarray([len(r) for r in batch_rows], jnp.int32)
+        return np.asarray(prompt_logits(model.params, jnp.asarray(tokens), counts, config=config))
+
+    batched = run(rows)
+    others = [_prompt(model, n, seed=99 + n) for n in (3, 31)]
+    for b, row in enumerate(rows):
+        neighbours = others[:b] + [row] + others[b:]
+        np.testing.assert_array_equal(
+            run(neighbours)[b, : len(row)], batched[b, : len(row)], err_msg=f"row {b}"
+        )
+        alone = run([row])
+        assert_close(batched[b, : len(row)], alone[0, : len(row)], what=f"row {b} alone")
+        np.testing.assert_array_equal(
+            batched[b, : len(row)].argmax(-1), alone[0, : len(row)].argmax(-1)
+        )
+
+
+@pytest.mark.slow
+def test_stacked_and_unrolled_layers_agree(tmp_path_factory):
+    model, _ = _load(*CASES[0], tmp_path_factory)
+    ids = _prompt(model, 20, seed=2)
+    unrolled = rj.Model(
+        model.config, rj.model.unstack_layers(model.params), model.tokenizer, model.path
+    )
+    assert isinstance(unrolled.params.layers, tuple)
+    assert_close(rj.logits(unrolled, ids), rj.logits(model, ids), what="unrolled vs stacked")
+    assert rj.generate(unrolled, ids, 8) == rj.generate(model, ids, 8)
+
+
+def test_greedy_generation_is_iterated_argmax(case):
+    """generate's cached greedy tokens equal argmax of a full forward re-run at every step."""
+    model, _ = case
+    ids = _prompt(model, 9, seed=3)
+    generated = rj.generate(model, ids, 12, stop_at_eos=False)
+    sequence = list(ids)
+    for _ in range(12):
+        sequence.append(int(np.argmax(rj.logits(model, sequence)[-1])))
+    assert generated == sequence[len(ids) :]
+
+
+def test_padding_does_not_change_prefix_logits():
+    """Logits of a prefix are unchanged by a longer input (causality) and by padding."""
+    config = tiny(vocab_size=300)
+    params = rj.model.params_from_tensors(config, random_tensors(config, seed=5))
+    ids = np.random.default_rng(4).integers(0, 300, size=24).astype(np.int32)
+    results = []
+    for t, pad in [(12, 16), (24, 32), (12, 64)]:
+        tokens = np.full((1, pad), 7, np.int32)
+        tokens[0, :t] = ids[:t]
+        out = prompt_logits(
+            params, jnp.asarray(tokens), jnp.asarray([t], jnp.int32), config=config,
+        )
+        results.append(np.asarray(out[0, :12]))
+    assert_close(results[1], results[0], what="longer input")
+    assert_close(results[2], results[0], what="more padding")
