@@ -27,7 +27,7 @@ import numpy as np
 import realm_jax as rj
 from realm_jax.batching import decode_step, prefill_step
 from realm_jax.kv_cache import init_cache
-from realm_jax.model import unstack_layers
+from realm_jax.model import stack_layers
 from realm_jax.sampling import Sampling, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -151,18 +151,22 @@ def main(argv=None) -> int:
     model = rj.load_model(path)
     load_s = time.perf_counter() - start
     bandwidth = copy_bandwidth_gbs(bandwidth_mb)
-    models = {"stacked": model, "unrolled": rj.Model(
-        model.config, unstack_layers(model.params), model.tokenizer, model.path
-    )}
+    models = {
+        "unrolled": model,
+        "stacked": rj.Model(model.config, stack_layers(model.params), model.tokenizer, model.path),
+    }
     rows = []
     for name, m in models.items():
         for batch in plan["batches"]:
             for capacity in plan["capacities"]:
-                if name == "unrolled" and capacity != plan["capacities"][0]:
+                if name == "stacked" and capacity != plan["capacities"][0]:
                     continue
                 row = bench_model(
-                    m, batch=batch, prompt_len=plan["prompt_len"],
-                    decode_steps=plan["decode_steps"], capacity=capacity,
+                    m,
+                    batch=batch,
+                    prompt_len=plan["prompt_len"],
+                    decode_steps=plan["decode_steps"],
+                    capacity=capacity,
                     repeats=plan["repeats"],
                 )
                 rows.append(row)
@@ -173,9 +177,12 @@ def main(argv=None) -> int:
         model=Path(path).name,
         dtype=str(model.dtype),
         machine=dict(
-            platform=platform.platform(), processor=platform.processor(),
-            cpus=jax.device_count(), backend=jax.default_backend(),
-            jax=jax.__version__, python=sys.version.split()[0],
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=jax.device_count(),
+            backend=jax.default_backend(),
+            jax=jax.__version__,
+            python=sys.version.split()[0],
         ),
         load_s=load_s,
         copy_bandwidth_gb_s=bandwidth,

@@ -94,17 +94,19 @@ def _info(args: argparse.Namespace) -> None:
     reader = open_gguf(path)
     metadata = read_metadata(reader, path)
     names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf_metadata(
-        metadata, tied_embeddings="output.weight" not in names
-    )
+    config = ModelConfig.from_gguf_metadata(metadata, tied_embeddings="output.weight" not in names)
     print(f"file: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-    print(f"name: {metadata.get('general.name', '?')}  architecture: "
-          f"{metadata['general.architecture']}")
+    print(
+        f"name: {metadata.get('general.name', '?')}  architecture: "
+        f"{metadata['general.architecture']}"
+    )
     for field in config.__dataclass_fields__:
         print(f"  {field}: {getattr(config, field)}")
-    print(f"tokenizer: {metadata.get('tokenizer.ggml.model')} "
-          f"(pre {metadata.get('tokenizer.ggml.pre', 'default')}), "
-          f"chat template: {'yes' if 'tokenizer.chat_template' in metadata else 'no'}")
+    print(
+        f"tokenizer: {metadata.get('tokenizer.ggml.model')} "
+        f"(pre {metadata.get('tokenizer.ggml.pre', 'default')}), "
+        f"chat template: {'yes' if 'tokenizer.chat_template' in metadata else 'no'}"
+    )
     by_type = collections.defaultdict(lambda: [0, 0, 0])
     for t in reader.tensors:
         row = by_type[t.tensor_type.name]
@@ -112,8 +114,10 @@ def _info(args: argparse.Namespace) -> None:
         row[1] += int(t.n_elements)
         row[2] += int(t.n_bytes)
     total = sum(row[1] for row in by_type.values())
-    print(f"tensors: {len(reader.tensors)}, {total / 1e6:.1f} M parameters "
-          f"({4 * total / 1e6:.0f} MB as float32)")
+    print(
+        f"tensors: {len(reader.tensors)}, {total / 1e6:.1f} M parameters "
+        f"({4 * total / 1e6:.0f} MB as float32)"
+    )
     print(f"  {'type':<8}{'count':>7}{'params (M)':>12}{'bytes (MB)':>12}")
     for name, (count, elements, nbytes) in sorted(by_type.items()):
         print(f"  {name:<8}{count:>7}{elements / 1e6:>12.2f}{nbytes / 1e6:>12.2f}")

@@ -151,6 +151,4 @@ def generate(
     Raises:
       RequestError: invalid prompt, lengths, sampling parameters or seed.
     """
-    return list(
-        stream(model, ids, max_new_tokens, sampling, seed, stop_at_eos, **kwargs)
-    )
+    return list(stream(model, ids, max_new_tokens, sampling, seed, stop_at_eos, **kwargs))

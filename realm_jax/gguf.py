@@ -15,7 +15,7 @@ so no tensor is permuted here.
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -133,9 +133,7 @@ def read_metadata(reader: gguf.GGUFReader, path: str) -> dict[str, Any]:
     return metadata
 
 
-def _check_tensor(
-    path: str, tensor: Any, expected: tuple[int, ...], budget: list[int]
-) -> None:
+def _check_tensor(path: str, tensor: Any, expected: tuple[int, ...], budget: list[int]) -> None:
     """Refuse a tensor whose type or shape is wrong, before any of it is dequantized."""
     qtype = tensor.tensor_type
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -145,8 +143,7 @@ def _check_tensor(
         qtype not in getattr(gguf.quants, "_type_traits", {})
     ):
         raise UnsupportedModelError(
-            f"{path}: tensor {tensor.name!r} has type {qtype.name}, which gguf-py cannot "
-            "dequantize"
+            f"{path}: tensor {tensor.name!r} has type {qtype.name}, which gguf-py cannot dequantize"
         )
     budget[0] -= 4 * int(np.prod(shape, dtype=np.int64))
     if budget[0] < 0:
@@ -185,7 +182,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModelFile:
         raise GGUFError(f"{path}: {e}") from e
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
-    scaling = metadata.get(f"llama.rope.scaling.type", "none")
+    scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in by_name:
         raise UnsupportedModelError(f"{path}: RoPE scaling ({scaling!r}) is not supported")
 

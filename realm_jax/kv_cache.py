@@ -40,9 +40,13 @@ class KVCache:
 
 
 def init_cache(
-    config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.float32, stacked: bool = True
+    config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.float32, stacked: bool = False
 ) -> KVCache:
-    """Allocate a zeroed cache for `batch_size` rows of `capacity` positions."""
+    """Allocate a zeroed cache for `batch_size` rows of `capacity` positions.
+
+    `stacked` must match the params' layer layout (see `model.Params`): one [L, B, S, K, H]
+    buffer per K and V, or (default, like `load_model`) a tuple of L [B, S, K, H] buffers.
+    """
     shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
     if stacked:
         k = jnp.zeros((config.n_layers, *shape), dtype)

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from realm_jax.config import ModelConfig
+from realm_jax.tokenizer import _byte_to_unicode
 
 # (dtype, comparison) -> (atol, rtol). "logits": a whole-model float32 forward against float32
 # golden logits or the float64 reference (golden README: observed 3e-5..1.6e-4 on SmolLM2,
@@ -51,29 +52,12 @@ def assert_close(
     )
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character table (byte-level BPE alphabet), in byte order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def tiny_vocab_metadata(vocab_size: int) -> dict:
     """A byte-level BPE vocabulary of `vocab_size` tokens: 3 specials, 256 bytes, merges."""
-    alphabet = _bytes_to_unicode()
+    alphabet = [char for _, char in sorted(_byte_to_unicode().items())]
     tokens = list(SPECIAL_TOKENS) + alphabet
     merges = []
     letters = "etaoinshrdlu"

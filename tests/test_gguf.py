@@ -96,9 +96,7 @@ def test_empty_file(tmp_path):
 def test_truncated_at_many_offsets(good_file, tmp_path):
     data = good_file.read_bytes()
     rng = np.random.default_rng(0)
-    offsets = sorted(
-        set(range(0, 64, 3)) | set(rng.integers(64, len(data) - 1, size=40).tolist())
-    )
+    offsets = sorted(set(range(0, 64, 3)) | set(rng.integers(64, len(data) - 1, size=40).tolist()))
     for offset in offsets:
         path = tmp_path / f"cut{offset}.gguf"
         path.write_bytes(data[:offset])
@@ -216,7 +214,10 @@ def test_unsupported_tensor_type(tmp_path):
 
 def test_adapter_file_is_not_a_model(tmp_path):
     write_gguf(
-        tmp_path / "m.gguf", CONFIG, random_tensors(CONFIG), extra_metadata={"general.type": "adapter"}
+        tmp_path / "m.gguf",
+        CONFIG,
+        random_tensors(CONFIG),
+        extra_metadata={"general.type": "adapter"},
     )
     with pytest.raises(UnsupportedModelError, match="load_adapter"):
         rj.load_model(tmp_path / "m.gguf")

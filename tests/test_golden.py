@@ -58,14 +58,26 @@ def test_cached_decode_logits_along_greedy_path(smollm2, golden, name):
     zeros = jnp.zeros((1,), jnp.int32)
     steps = dict(config=config, attn_len=capacity)
     _, logits, cache = prefill_step(
-        model.params, jnp.asarray(tokens), jnp.asarray([len(ids)]),
-        init_cache(config, 1, capacity), greedy, zeros, zeros, **steps,
+        model.params,
+        jnp.asarray(tokens),
+        jnp.asarray([len(ids)]),
+        init_cache(config, 1, capacity),
+        greedy,
+        zeros,
+        zeros,
+        **steps,
     )
     rows = [np.asarray(logits[0])]
     for token in gen[:-1]:
         _, logits, cache = decode_step(
-            model.params, jnp.asarray([token], jnp.int32), jnp.ones((1,), bool), cache,
-            greedy, zeros, zeros, **steps,
+            model.params,
+            jnp.asarray([token], jnp.int32),
+            jnp.ones((1,), bool),
+            cache,
+            greedy,
+            zeros,
+            zeros,
+            **steps,
         )
         rows.append(np.asarray(logits[0]))
     ours = np.take_along_axis(np.stack(rows), golden[f"gen_topk_ids_{name}"], axis=1)

@@ -79,14 +79,28 @@ def test_cached_decoding_equals_full_forward(case):
     zeros = jnp.zeros((1,), jnp.int32)
     tokens = jnp.asarray([ids[:11] + [0] * 5], jnp.int32)
     _, logits, cache = prefill_step(
-        model.params, tokens, jnp.asarray([11]), cache, greedy, zeros, zeros,
-        config=config, attn_len=capacity,
+        model.params,
+        tokens,
+        jnp.asarray([11]),
+        cache,
+        greedy,
+        zeros,
+        zeros,
+        config=config,
+        attn_len=capacity,
     )
     stepwise = [np.asarray(logits[0])]
     for token in ids[11:]:
         _, logits, cache = decode_step(
-            model.params, jnp.asarray([token], jnp.int32), jnp.ones((1,), bool), cache,
-            greedy, zeros, zeros, config=config, attn_len=capacity,
+            model.params,
+            jnp.asarray([token], jnp.int32),
+            jnp.ones((1,), bool),
+            cache,
+            greedy,
+            zeros,
+            zeros,
+            config=config,
+            attn_len=capacity,
         )
         stepwise.append(np.asarray(logits[0]))
     assert int(cache.lengths[0]) == 30
@@ -127,12 +141,13 @@ def test_batched_rows_equal_rows_alone(case):
 def test_stacked_and_unrolled_layers_agree(tmp_path_factory):
     model, _ = _load(*CASES[0], tmp_path_factory)
     ids = _prompt(model, 20, seed=2)
-    unrolled = rj.Model(
-        model.config, rj.model.unstack_layers(model.params), model.tokenizer, model.path
+    assert isinstance(model.params.layers, tuple)  # load_model's default
+    stacked = rj.Model(
+        model.config, rj.model.stack_layers(model.params), model.tokenizer, model.path
     )
-    assert isinstance(unrolled.params.layers, tuple)
-    assert_close(rj.logits(unrolled, ids), rj.logits(model, ids), what="unrolled vs stacked")
-    assert rj.generate(unrolled, ids, 8) == rj.generate(model, ids, 8)
+    assert not isinstance(stacked.params.layers, tuple)
+    assert_close(rj.logits(stacked, ids), rj.logits(model, ids), what="stacked vs unrolled")
+    assert rj.generate(stacked, ids, 8) == rj.generate(model, ids, 8)
 
 
 def test_greedy_generation_is_iterated_argmax(case):
@@ -156,7 +171,10 @@ def test_padding_does_not_change_prefix_logits():
         tokens = np.full((1, pad), 7, np.int32)
         tokens[0, :t] = ids[:t]
         out = prompt_logits(
-            params, jnp.asarray(tokens), jnp.asarray([t], jnp.int32), config=config,
+            params,
+            jnp.asarray(tokens),
+            jnp.asarray([t], jnp.int32),
+            config=config,
         )
         results.append(np.asarray(out[0, :12]))
     assert_close(results[1], results[0], what="longer input")

@@ -1,0 +1,97 @@
+"""The command line on a tiny synthetic model: generate streams text and reports speeds,
+info prints the config and tensor table, and errors are one line without a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from realm_jax.cli import main
+from realm_jax.config import tiny
+from realm_jax.testing import random_tensors, write_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    config = tiny(vocab_size=300)
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    write_gguf(path, config, random_tensors(config), qtype="Q8_0")
+    return path
+
+
+def test_generate(tiny_gguf, capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_gguf),
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.startswith("hello")
+    assert "prompt: " in err and "tok/s" in err and "decode: " in err
+
+
+def test_generate_is_reproducible(tiny_gguf, capsys):
+    args = [
+        "generate",
+        "--model",
+        str(tiny_gguf),
+        "--prompt",
+        "abc",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+    ]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+def test_info(tiny_gguf, capsys):
+    assert main(["info", str(tiny_gguf), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 2" in out and "Q8_0" in out and "blk.1.ffn_down.weight" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--model", "/no/such.gguf"], "no such file"),
+        (["generate", "--temperature", "-1"], "temperature"),
+        (["generate", "--top-p", "0"], "top_p"),
+        (["info", "/no/such.gguf"], "no such file"),
+    ],
+)
+def test_errors_are_one_line(tiny_gguf, args, message):
+    if args[0] == "generate" and "--model" not in args:
+        args = args + ["--model", str(tiny_gguf)]
+    result = subprocess.run(
+        [sys.executable, "-m", "realm_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_prompt_longer_than_context(tiny_gguf, capsys):
+    assert main(["generate", "--model", str(tiny_gguf), "--prompt", "x" * 300]) == 1
+    assert "exceeds the context length" in capsys.readouterr().err

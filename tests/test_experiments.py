@@ -1,0 +1,22 @@
+"""Experiment scripts run at their tiny size (CPU smoke runs; the numbers are not checked)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "bench_decode.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert {row["layout"] for row in result["rows"]} == {"unrolled", "stacked (scan)"}
+    assert all(row["decode_tok_s"] > 0 for row in result["rows"])
+    assert (tmp_path / "bench_decode.md").read_text().count("\n") >= 4
