@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import realm_jax as rj
-from realm_jax.batching import decode_step, prefill_step
+from realm_jax.batching import bucket, decode_step, decode_window, prefill_step
 from realm_jax.kv_cache import init_cache
 from realm_jax.model import stack_layers
 from realm_jax.sampling import Sampling, SamplingParams
@@ -54,8 +54,14 @@ def _timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def bench_model(model, *, batch, prompt_len, decode_steps, capacity, repeats):
-    """Prefill `prompt_len` tokens into `batch` rows, then decode `decode_steps` tokens."""
+def bench_model(model, *, batch, prompt_len, decode_steps, repeats):
+    """Prefill `prompt_len` tokens into `batch` rows, then decode `decode_steps` tokens.
+
+    The cache holds prompt + decode steps (rounded up as `generate` does); prefill attends
+    over the padded prompt and decode over the window `generate` would use at the last step.
+    """
+    capacity = bucket(prompt_len + decode_steps)
+    window = decode_window(prompt_len + decode_steps, capacity)
     config = model.config
     stacked = not isinstance(model.params.layers, tuple)
     rng = np.random.default_rng(0)
@@ -64,14 +70,22 @@ def bench_model(model, *, batch, prompt_len, decode_steps, capacity, repeats):
     greedy = SamplingParams.from_rows([Sampling()] * batch)
     zeros = jnp.zeros((batch,), jnp.int32)
     active = jnp.ones((batch,), bool)
-    steps = dict(config=config, attn_len=capacity)
+    steps = dict(config=config)
 
     def fresh_cache():
         return init_cache(config, batch, capacity, model.dtype, stacked=stacked)
 
     def prefill():
         return prefill_step(
-            model.params, tokens, lengths, fresh_cache(), greedy, zeros, zeros, **steps
+            model.params,
+            tokens,
+            lengths,
+            fresh_cache(),
+            greedy,
+            zeros,
+            zeros,
+            attn_len=prompt_len,
+            **steps,
         )
 
     start = time.perf_counter()
@@ -83,7 +97,15 @@ def bench_model(model, *, batch, prompt_len, decode_steps, capacity, repeats):
 
     def decode():
         token, _, cache = decode_step(
-            model.params, state["token"], active, state["cache"], greedy, zeros, zeros, **steps
+            model.params,
+            state["token"],
+            active,
+            state["cache"],
+            greedy,
+            zeros,
+            zeros,
+            attn_len=window,
+            **steps,
         )
         state["token"], state["cache"] = token, cache
         return token
@@ -102,6 +124,7 @@ def bench_model(model, *, batch, prompt_len, decode_steps, capacity, repeats):
         batch=batch,
         prompt_len=prompt_len,
         capacity=capacity,
+        decode_window=window,
         prefill_ms=1e3 * prefill_s,
         prefill_tok_s=batch * prompt_len / prefill_s,
         decode_ms_per_step=1e3 * decode_s,
@@ -111,13 +134,10 @@ def bench_model(model, *, batch, prompt_len, decode_steps, capacity, repeats):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights read per decode step (the embedding gather reads B rows only; the
-    tied output matrix is read whole)."""
-    leaves = jax.tree.leaves(model.params)
-    total = sum(x.size * x.dtype.itemsize for x in leaves)
-    if model.params.output is not None:
-        total -= model.params.embed.size * model.params.embed.dtype.itemsize
-    return total
+    """Bytes of weights read per decode step: every leaf but the embedding, of which a step
+    gathers only B rows (the output projection is a separate [D, V] array, read whole)."""
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    return total - model.params.embed.size * model.params.embed.dtype.itemsize
 
 
 def main(argv=None) -> int:
@@ -134,15 +154,13 @@ def main(argv=None) -> int:
         config = tiny(vocab_size=300)
         path = Path(tempfile.mkdtemp()) / "tiny.gguf"
         write_gguf(path, config, random_tensors(config))
-        plan = dict(batches=(1, 2), prompt_len=16, decode_steps=4, repeats=2, capacities=(32,))
+        plan = dict(batches=(1, 2), contexts=(16,), decode_steps=4, repeats=2)
         bandwidth_mb = 64
     else:
         from realm_jax.cli import default_model_path
 
         path = Path(args.model) if args.model else default_model_path()
-        plan = dict(
-            batches=(1, 8), prompt_len=128, decode_steps=32, repeats=5, capacities=(256, 2048)
-        )
+        plan = dict(batches=(1, 8), contexts=(128, 1024), decode_steps=32, repeats=5)
         bandwidth_mb = 512
     out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
     out.mkdir(parents=True, exist_ok=True)
@@ -158,15 +176,14 @@ def main(argv=None) -> int:
     rows = []
     for name, m in models.items():
         for batch in plan["batches"]:
-            for capacity in plan["capacities"]:
-                if name == "stacked" and capacity != plan["capacities"][0]:
+            for context in plan["contexts"]:
+                if name == "stacked" and context != plan["contexts"][0]:
                     continue
                 row = bench_model(
                     m,
                     batch=batch,
-                    prompt_len=plan["prompt_len"],
+                    prompt_len=context,
                     decode_steps=plan["decode_steps"],
-                    capacity=capacity,
                     repeats=plan["repeats"],
                 )
                 rows.append(row)
@@ -196,14 +213,14 @@ def main(argv=None) -> int:
         f"copy bandwidth {bandwidth:.1f} GB/s; {nbytes / 1e6:.0f} MB of weights read per "
         f"decode step -> batch-1 ceiling {ceiling:.0f} tok/s.",
         "",
-        "| layout | batch | prompt | cache | prefill tok/s | decode ms/step | decode tok/s "
-        "| % of ceiling (B=1) | compile s (prefill/decode) |",
+        "| layout | batch | prompt | decode window | prefill tok/s | decode ms/step "
+        "| decode tok/s | % of ceiling (B=1) | compile s (prefill/decode) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = f"{100 * r['decode_tok_s'] / ceiling:.0f}%" if r["batch"] == 1 else ""
         lines.append(
-            f"| {r['layout']} | {r['batch']} | {r['prompt_len']} | {r['capacity']} | "
+            f"| {r['layout']} | {r['batch']} | {r['prompt_len']} | {r['decode_window']} | "
             f"{r['prefill_tok_s']:.0f} | {r['decode_ms_per_step']:.2f} | "
             f"{r['decode_tok_s']:.1f} | {share} | {r['compile_s']['prefill']:.1f} / "
             f"{r['compile_s']['decode']:.1f} |"

@@ -16,13 +16,22 @@ from realm_jax.kv_cache import KVCache, init_cache
 from realm_jax.model import Params, forward, lm_head
 from realm_jax.sampling import SamplingParams, sample, token_rngs
 
-MIN_BUCKET = 16  # smallest padded prompt length and attention window
+MIN_BUCKET = 16  # smallest padded prompt length
+# Smallest attention window of a decode step. Each window size is a separate compilation
+# (~7 s for SmolLM2 on a 2-core CPU), while attending over 256 positions instead of 16 costs
+# ~4 ms of a ~50 ms step there: a coarse floor keeps short generations to one compilation.
+MIN_DECODE_WINDOW = 256
 
 
-def bucket(n: int, limit: int | None = None) -> int:
-    """The smallest power of two >= max(n, MIN_BUCKET), clipped to `limit`."""
-    size = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+def bucket(n: int, limit: int | None = None, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum), clipped to `limit`."""
+    size = max(minimum, 1 << max(0, int(n) - 1).bit_length())
     return size if limit is None else min(size, limit)
+
+
+def decode_window(length: int, capacity: int) -> int:
+    """The static `attn_len` for a decode step whose longest row reaches `length`."""
+    return bucket(length, capacity, MIN_DECODE_WINDOW)
 
 
 def _append_and_sample(

@@ -148,9 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled steps on disk, so a second run with the same shapes starts at once."""
+    import jax
+
+    folder = os.environ.get(
+        "REALM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "realm-jax", "xla")
+    )
+    if folder:  # REALM_JAX_CACHE="" turns it off
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from realm_jax.errors import RealmError
+
+    _enable_compilation_cache()
 
     try:
         args.run(args)

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.batching import bucket, decode_step, prefill_step, prompt_logits
+from realm_jax.batching import bucket, decode_step, decode_window, prefill_step, prompt_logits
 from realm_jax.errors import RequestError
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
@@ -102,7 +102,7 @@ def stream(
     seeds = jnp.asarray([seed], jnp.int32)
     request_ids = jnp.asarray([request_id], jnp.int32)
     eos = model.tokenizer.eos_id if (stop_at_eos and model.tokenizer is not None) else None
-    steps = dict(config=config, attn_len=capacity, implementation=implementation)
+    steps = dict(config=config, implementation=implementation)
 
     token, _, cache = prefill_step(
         model.params,
@@ -112,6 +112,7 @@ def stream(
         row_sampling,
         seeds,
         request_ids,
+        attn_len=tokens.shape[1],
         **steps,
     )
     active = jnp.ones((1,), bool)
@@ -120,8 +121,18 @@ def stream(
         yield value
         if value == eos or produced == max_new_tokens:
             return
+        # attention reads the smallest window holding every position written so far
+        window = decode_window(prompt.size + produced, capacity)
         token, _, cache = decode_step(
-            model.params, token, active, cache, row_sampling, seeds, request_ids, **steps
+            model.params,
+            token,
+            active,
+            cache,
+            row_sampling,
+            seeds,
+            request_ids,
+            attn_len=window,
+            **steps,
         )
 
 

@@ -62,7 +62,7 @@ def _kv(c: ModelConfig) -> tuple[int, ...]:
 TENSOR_TABLE: tuple[TensorSpec, ...] = (
     TensorSpec("token_embd.weight", "embed", lambda c: (c.vocab_size, c.dim), "as_is"),
     TensorSpec("output_norm.weight", "final_norm", lambda c: (c.dim,), "as_is"),
-    TensorSpec("output.weight", "output", lambda c: (c.vocab_size, c.dim), "as_is"),
+    TensorSpec("output.weight", "output", lambda c: (c.vocab_size, c.dim), "transpose"),
     TensorSpec("blk.{i}.attn_norm.weight", "attn_norm", lambda c: (c.dim,), "as_is"),
     # Q/K rows stay in GGUF's permuted order: the model rotates adjacent pairs (DESIGN §4).
     TensorSpec("blk.{i}.attn_q.weight", "wq", _q, "heads_in"),

@@ -60,13 +60,16 @@ class Params:
       embed: [V, D] token embedding.
       layers: a `LayerParams` with [L, ...] leaves (stacked) or a tuple of L `LayerParams`.
       final_norm: [D] RMSNorm weight after the last block.
-      output: [V, D] output projection, or None when tied to `embed`.
+      output: [D, V] output projection; for tied embeddings a transposed copy of `embed`.
+        XLA's CPU matrix-vector product reads a [D, V] operand at ~22 GB/s and a [V, D] one at
+        ~14 GB/s (measured on the 2-core dev machine), so the copy buys ~3 ms per decoded
+        token for SmolLM2 at the price of 113 MB.
     """
 
     embed: jax.Array
     layers: LayerParams | tuple[LayerParams, ...]
     final_norm: jax.Array
-    output: jax.Array | None
+    output: jax.Array
 
 
 def _to_layout(array: np.ndarray, layout: str, config: ModelConfig) -> np.ndarray:
@@ -105,12 +108,12 @@ def params_from_tensors(
         layers = LayerParams(**{f: put(np.stack([p[f] for p in per_layer])) for f in per_layer[0]})
     else:
         layers = tuple(LayerParams(**{f: put(a) for f, a in p.items()}) for p in per_layer)
-    output = top.get("output")
+    output = top.get("output", top["embed"].T)  # [D, V]
     return Params(
         embed=put(top["embed"]),
         layers=layers,
         final_norm=put(top["final_norm"]),
-        output=None if output is None else put(output),
+        output=put(output),
     )
 
 
@@ -263,6 +266,5 @@ def forward(
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
-    """Logits [..., V] float32 from final hidden states [..., D] (tied or separate output)."""
-    weight = params.embed if params.output is None else params.output
-    return jnp.einsum("...D,VD->...V", hidden, weight, preferred_element_type=jnp.float32)
+    """Logits [..., V] float32 from final hidden states [..., D]."""
+    return jnp.einsum("...D,DV->...V", hidden, params.output, preferred_element_type=jnp.float32)

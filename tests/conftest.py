@@ -1,6 +1,7 @@
 """Shared fixtures: strict JAX promotion rules, the golden data and the real model."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+os.environ["REALM_JAX_CACHE"] = ""  # the CLI's on-disk compilation cache stays off in tests
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
