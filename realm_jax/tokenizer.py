@@ -54,7 +54,6 @@ _QWEN35 = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_CJK = "[一-龥ࠀ-一가-퟿]+"
 PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
     "gpt2": (_GPT2,),
@@ -63,7 +62,9 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "qwen2": (_QWEN2,),
     "qwen35": (_QWEN35,),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
-    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    # llama.cpp runs "[一-龥ࠀ-一가-퟿]+" on text whose non-ASCII spaces became \x0B, so the
+    # range U+0800-U+4E00 never takes U+2028 or U+3000: "&&\S" says the same to Oniguruma.
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿&&\S]+", r"\p{N}"),
     "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),
 }
 # `tokenizer.ggml.pre` -> regex set, as `impl::load` maps names to LLAMA_VOCAB_PRE_TYPE_*.
@@ -486,14 +487,20 @@ def _bpe_encoder(md: _Metadata, index: dict[str, int], merges: list[str], pre: s
         for regex in PRE_TOKENIZER_REGEXES[PRE_TYPES[pre]]
     ]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # A byte missing from the vocabulary: llama.cpp merges around it and drops it at the end,
+    # tokenizers would drop it first and merge its neighbours. An out-of-vocabulary placeholder
+    # id (`n`, never a merge part) keeps it in place until we drop it.
+    n = len(index)
+    vocab = index | {"\x00<missing byte>": n}
     try:
-        hf = tokenizers.Tokenizer(
-            tokenizers.models.BPE(index, pairs, ignore_merges=pre in LLAMA3_FLAGS)
+        bpe = tokenizers.models.BPE(
+            vocab, pairs, unk_token="\x00<missing byte>", ignore_merges=pre in LLAMA3_FLAGS
         )
     except Exception as e:  # tokenizers raises plain Exception for a bad vocabulary
         raise md.error("ggml.tokens", f"cannot make a BPE model: {e}") from e
+    hf = tokenizers.Tokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
-    return lambda text: hf.encode(text, add_special_tokens=False).ids
+    return lambda text: [i for i in hf.encode(text, add_special_tokens=False).ids if i != n]
 
 
 def _sentencepiece_encoder(md: _Metadata, tokens, types, scores, unk_id, space_prefix) -> Callable:
