@@ -231,6 +231,17 @@ def test_bpe_repeated_merge_keeps_first_rank():
     assert Tokenizer.from_gguf_metadata(meta).encode("hello") == ids_of(meta, "he", "ll", "o")
 
 
+def test_bpe_byte_missing_from_the_vocabulary_is_dropped_after_merging():
+    # llama.cpp merges the symbols around a byte it cannot spell and then drops it, so "h"
+    # and "e" do not merge across it (SmolLM2 lacks the bytes 0x04, 0x06, 0x13, 0x14, ...).
+    meta = gpt2_meta()
+    meta["tokenizer.ggml.tokens"].remove(_byte_alphabet()[0x04])
+    meta["tokenizer.ggml.token_type"].pop()
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert tok.encode("h\x04e") == ids_of(meta, "h", "e")
+    assert tok.encode("he") == ids_of(meta, "he")
+
+
 # --- a tiny SentencePiece vocabulary -----------------------------------------------------------
 
 # Merged pieces in priority order (scores -1, -2, ...): the highest score merges first.
@@ -346,13 +357,48 @@ def test_spm_matches_llama_cpp_algorithm_on_random_text():
         assert tok.encode(text) == [1, *expected], repr(text)
 
 
+def test_spm_trained_vocabulary_matches_llama_cpp_algorithm():
+    """A vocabulary trained by sentencepiece itself, read back as GGUF metadata would hold it."""
+    import io
+
+    import sentencepiece
+
+    rng = random.Random(1)
+    words = "the history of computing is a story abstraction layered upon 1957 é 世界 🤖".split()
+    corpus = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=300, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    trained = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = range(trained.get_piece_size())
+    kinds = {trained.is_unknown: UNKNOWN, trained.is_control: CONTROL, trained.is_byte: BYTE}
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [trained.id_to_piece(i) for i in pieces],
+        "tokenizer.ggml.scores": [trained.get_score(i) for i in pieces],
+        "tokenizer.ggml.token_type": [
+            next((kind for test, kind in kinds.items() if test(i)), NORMAL) for i in pieces
+        ],
+    }
+    tok = Tokenizer.from_gguf_metadata(meta)
+    for _ in range(200):
+        text = "".join(rng.choice(words + [" ", "  ", "x", "\n"]) for _ in range(rng.randint(1, 8)))
+        assert tok.encode(text) == [1, *llama_cpp_spm(meta, "▁" + text.replace(" ", "▁"))]
+
+
 # --- malformed metadata ------------------------------------------------------------------------
 
 BAD_METADATA = [
     ("gpt2", {"tokenizer.ggml.model": None}, "tokenizer.ggml.model"),
     ("gpt2", {"tokenizer.ggml.model": "bert"}, "'gpt2'"),
     ("gpt2", {"tokenizer.ggml.tokens": "abc"}, "tokenizer.ggml.tokens"),
-    ("gpt2", {"tokenizer.ggml.tokens": ["a", 3]}, r"tokenizer.ggml.tokens\[1\] = 3 is not a string"),
+    (
+        "gpt2",
+        {"tokenizer.ggml.tokens": ["a", 3]},
+        r"tokenizer.ggml.tokens\[1\] = 3 is not a string",
+    ),
     ("gpt2", {"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens"),
     ("gpt2", {"tokenizer.ggml.token_type": [1, 1]}, "tokenizer.ggml.token_type has 2 entries"),
     ("gpt2", {"tokenizer.ggml.token_type": [9] * 266}, "tokenizer.ggml.token_type"),
