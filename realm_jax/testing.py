@@ -181,3 +181,50 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def cached_logits(model, prompt: list[int], fed: list[int]) -> np.ndarray:
+    """Logits through the cache path: prefill `prompt`, then feed `fed` one token per
+    `decode_step`, greedy, one row.
+
+    Returns:
+      [1 + len(fed), V] float32: the logits after the prompt, then after each fed token.
+    """
+    import jax.numpy as jnp
+
+    from realm_jax.batching import bucket, decode_step, prefill_step
+    from realm_jax.kv_cache import init_cache
+    from realm_jax.sampling import Sampling, SamplingParams
+
+    capacity = bucket(len(prompt) + len(fed))
+    tokens = np.zeros((1, bucket(len(prompt), capacity)), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    stacked = not isinstance(model.params.layers, tuple)
+    cache = init_cache(model.config, 1, capacity, model.dtype, stacked=stacked)
+    row = (SamplingParams.from_rows([Sampling()]), jnp.zeros((1,), jnp.int32))
+    steps = dict(config=model.config, attn_len=capacity)
+    _, logits, cache = prefill_step(
+        model.params,
+        jnp.asarray(tokens),
+        jnp.asarray([len(prompt)]),
+        cache,
+        row[0],
+        row[1],
+        row[1],
+        **steps,
+    )
+    rows = [np.asarray(logits[0])]
+    for token in fed:
+        _, logits, cache = decode_step(
+            model.params,
+            jnp.asarray([token], jnp.int32),
+            jnp.ones((1,), bool),
+            cache,
+            row[0],
+            row[1],
+            row[1],
+            **steps,
+        )
+        rows.append(np.asarray(logits[0]))
+    assert int(cache.lengths[0]) == len(prompt) + len(fed)
+    return np.stack(rows)

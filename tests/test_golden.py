@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 import realm_jax as rj
-from realm_jax.batching import bucket, decode_step, prefill_step
-from realm_jax.kv_cache import init_cache
-from realm_jax.sampling import Sampling, SamplingParams
-from realm_jax.testing import assert_close
+from realm_jax.testing import assert_close, cached_logits
 
 PROMPTS = ["capital", "once", "code", "chat", "long"]
 
@@ -48,39 +45,10 @@ def test_greedy_continuation(smollm2, golden, name):
 @pytest.mark.parametrize("name", ["capital", "long"])
 def test_cached_decode_logits_along_greedy_path(smollm2, golden, name):
     """The decode step's logits at the golden top-20 ids, all 32 steps (cache path)."""
-    model, config = smollm2, smollm2.config
     ids = golden[f"ids_{name}"].tolist()
     gen = golden[f"gen_{name}"].tolist()
-    capacity = bucket(len(ids) + 32)
-    tokens = np.zeros((1, bucket(len(ids))), np.int32)
-    tokens[0, : len(ids)] = ids
-    greedy = SamplingParams.from_rows([Sampling()])
-    zeros = jnp.zeros((1,), jnp.int32)
-    steps = dict(config=config, attn_len=capacity)
-    _, logits, cache = prefill_step(
-        model.params,
-        jnp.asarray(tokens),
-        jnp.asarray([len(ids)]),
-        init_cache(config, 1, capacity),
-        greedy,
-        zeros,
-        zeros,
-        **steps,
-    )
-    rows = [np.asarray(logits[0])]
-    for token in gen[:-1]:
-        _, logits, cache = decode_step(
-            model.params,
-            jnp.asarray([token], jnp.int32),
-            jnp.ones((1,), bool),
-            cache,
-            greedy,
-            zeros,
-            zeros,
-            **steps,
-        )
-        rows.append(np.asarray(logits[0]))
-    ours = np.take_along_axis(np.stack(rows), golden[f"gen_topk_ids_{name}"], axis=1)
+    rows = cached_logits(smollm2, ids, gen[:-1])  # [32, V]
+    ours = np.take_along_axis(rows, golden[f"gen_topk_ids_{name}"], axis=1)
     assert_close(ours, golden[f"gen_topk_val_{name}"], what=f"{name} decode path top-20")
 
 

@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 
 import realm_jax as rj
-from realm_jax.batching import decode_step, prefill_step, prompt_logits
+from realm_jax.batching import prompt_logits
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
-from realm_jax.kv_cache import init_cache
 from realm_jax.reference import forward_reference
-from realm_jax.sampling import Sampling, SamplingParams
-from realm_jax.testing import assert_close, random_tensors, write_gguf
+from realm_jax.testing import assert_close, cached_logits, random_tensors, write_gguf
 
 # (name, config, matrix storage type): tied and untied output, GQA and plain MHA, a partial
 # RoPE, and several quantization types (K-quants need rows that are multiples of 256).
@@ -73,38 +71,8 @@ def test_cached_decoding_equals_full_forward(case):
     model, _ = case
     ids = _prompt(model, 30, seed=1)
     full = rj.logits(model, ids)
-    config, capacity = model.config, 32
-    cache = init_cache(config, 1, capacity)
-    greedy = SamplingParams.from_rows([Sampling()])
-    zeros = jnp.zeros((1,), jnp.int32)
-    tokens = jnp.asarray([ids[:11] + [0] * 5], jnp.int32)
-    _, logits, cache = prefill_step(
-        model.params,
-        tokens,
-        jnp.asarray([11]),
-        cache,
-        greedy,
-        zeros,
-        zeros,
-        config=config,
-        attn_len=capacity,
-    )
-    stepwise = [np.asarray(logits[0])]
-    for token in ids[11:]:
-        _, logits, cache = decode_step(
-            model.params,
-            jnp.asarray([token], jnp.int32),
-            jnp.ones((1,), bool),
-            cache,
-            greedy,
-            zeros,
-            zeros,
-            config=config,
-            attn_len=capacity,
-        )
-        stepwise.append(np.asarray(logits[0]))
-    assert int(cache.lengths[0]) == 30
-    assert_close(np.stack(stepwise), full[10:], what="cached decode vs full forward")
+    stepwise = cached_logits(model, ids[:11], ids[11:])
+    assert_close(stepwise, full[10:], what="cached decode vs full forward")
 
 
 def test_batched_rows_equal_rows_alone(case):
