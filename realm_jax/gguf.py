@@ -38,7 +38,8 @@ class TensorSpec:
 
     Attributes:
       gguf_name: the GGUF tensor name; `{i}` stands for the layer index.
-      leaf: the `Params` / `LayerParams` field it becomes.
+      leaf: the `Params` / `LayerParams` field it becomes, or a piece of one
+        (`model.FUSED`).
       shape: its NumPy shape (GGUF `ne` reversed) as a function of the config.
       layout: how `model.params_from_tensors` rearranges it: "as_is", "transpose"
         ([out, in] -> [in, out]), "heads_in" ([N*H, D] -> [D, N, H]) or "heads_out"

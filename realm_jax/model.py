@@ -30,25 +30,33 @@ class LayerParams:
 
     Attributes:
       attn_norm: [D] RMSNorm weight before attention.
-      wq: [D, N, H] query projection; head rows in GGUF order (adjacent-pair RoPE).
-      wk: [D, K, H] key projection; same row order as wq.
-      wv: [D, K, H] value projection.
+      wqkv: [D, N + 2K, H] query, key and value projections side by side (heads 0..N-1 are
+        queries, then K key heads, then K value heads); Q/K head rows in GGUF order
+        (adjacent-pair RoPE, DESIGN §4).
       wo: [N, H, D] attention output projection.
       ffn_norm: [D] RMSNorm weight before the MLP.
-      w_gate: [D, F] SwiGLU gate.
-      w_up: [D, F] SwiGLU up projection.
+      w_gate_up: [D, 2F] SwiGLU gate (columns 0..F-1) and up projection (F..2F-1).
       w_down: [F, D] SwiGLU down projection.
+
+    Q/K/V and gate/up are fused because XLA's CPU matrix-vector product runs each call at a
+    fixed overhead: one [D, N + 2K, H] product instead of three, and one [D, 2F] instead of
+    two, saved ~3.5 of ~38 ms of SmolLM2's per-token weight reads on the 2-core dev machine.
+    `FUSED` names the GGUF pieces of each fused leaf.
     """
 
     attn_norm: jax.Array
-    wq: jax.Array
-    wk: jax.Array
-    wv: jax.Array
+    wqkv: jax.Array
     wo: jax.Array
     ffn_norm: jax.Array
-    w_gate: jax.Array
-    w_up: jax.Array
+    w_gate_up: jax.Array
     w_down: jax.Array
+
+
+# Fused LayerParams leaf -> (piece names from gguf.TENSOR_TABLE, concatenation axis).
+FUSED: dict[str, tuple[tuple[str, ...], int]] = {
+    "wqkv": (("wq", "wk", "wv"), 1),
+    "w_gate_up": (("w_gate", "w_up"), 1),
+}
 
 
 @jax.tree_util.register_dataclass
@@ -100,6 +108,10 @@ def params_from_tensors(
         for i in range(config.n_layers):
             array = tensors[spec.gguf_name.format(i=i)]
             per_layer[i][spec.leaf] = _to_layout(array, spec.layout, config)
+
+    for pieces in per_layer:
+        for leaf, (names, axis) in FUSED.items():
+            pieces[leaf] = np.concatenate([pieces.pop(name) for name in names], axis=axis)
 
     def put(array: np.ndarray) -> jax.Array:
         return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
@@ -171,9 +183,9 @@ def _project_qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm Q/K/V projections with RoPE: q [B, T, N, H], k and v [B, T, K, H]."""
     h = rms_norm(x, layer.attn_norm, config.norm_eps)  # [B, T, D]
-    q = jnp.einsum("BTD,DNH->BTNH", h, layer.wq)
-    k = jnp.einsum("BTD,DKH->BTKH", h, layer.wk)
-    v = jnp.einsum("BTD,DKH->BTKH", h, layer.wv)
+    qkv = jnp.einsum("BTD,DEH->BTEH", h, layer.wqkv)  # [B, T, N + 2K, H]
+    n, kv = config.n_heads, config.n_kv_heads
+    q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
     q = apply_rope(q, positions, config.rope_base, config.rope_dim)
     k = apply_rope(k, positions, config.rope_base, config.rope_dim)
     return q, k, v
@@ -182,8 +194,8 @@ def _project_qkv(
 def _mlp_block(layer: LayerParams, x: jax.Array, config: ModelConfig) -> jax.Array:
     """Pre-norm SwiGLU MLP with its residual."""
     h = rms_norm(x, layer.ffn_norm, config.norm_eps)  # [B, T, D]
-    gate = jnp.einsum("BTD,DF->BTF", h, layer.w_gate)
-    up = jnp.einsum("BTD,DF->BTF", h, layer.w_up)
+    gate_up = jnp.einsum("BTD,DE->BTE", h, layer.w_gate_up)  # [B, T, 2F]
+    gate, up = gate_up[..., : config.ffn_dim], gate_up[..., config.ffn_dim :]
     return x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
 
 
