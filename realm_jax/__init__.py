@@ -6,6 +6,7 @@ This module re-exports the public surface (shared/API.md) and nothing else.
 from realm_jax import model
 from realm_jax.attention import attention
 from realm_jax.config import ModelConfig
+from realm_jax.engine import Engine
 from realm_jax.errors import (
     AdapterError,
     GGUFError,
@@ -21,6 +22,7 @@ from realm_jax.tokenizer import Tokenizer
 
 __all__ = [
     "AdapterError",
+    "Engine",
     "GGUFError",
     "Model",
     "ModelConfig",

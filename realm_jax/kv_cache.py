@@ -97,3 +97,29 @@ def window(buffer: jax.Array, attn_len: int) -> jax.Array:
     attention's [B, S, K, H]. Attention contracts with K as a batch axis, so XLA cancels this
     swap against its own and reads the stored layout without a copy."""
     return jnp.swapaxes(buffer[:, :, :attn_len], 1, 2)
+
+
+def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
+    """Copy a one-row cache into row `slot` of `cache`, positions 0..row.capacity-1.
+
+    The slot's length becomes the row's; its positions beyond are left as they were (never
+    read). With `cache` donated by the caller, XLA writes the row in place.
+
+    Args:
+      cache: B rows of capacity S.
+      row: one row of capacity <= S, same layer layout.
+      slot: int32 scalar, the row of `cache` to overwrite.
+    """
+    stacked = not isinstance(cache.k, tuple)
+    start = (0, slot, 0, 0, 0) if stacked else (slot, 0, 0, 0)
+
+    def put(buffer, new):
+        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+    if stacked:
+        k, v = put(cache.k, row.k), put(cache.v, row.v)
+    else:
+        k = tuple(map(put, cache.k, row.k))
+        v = tuple(map(put, cache.v, row.v))
+    lengths = jax.lax.dynamic_update_slice(cache.lengths, row.lengths, (slot,))
+    return KVCache(k=k, v=v, lengths=lengths)

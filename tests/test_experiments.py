@@ -20,3 +20,14 @@ def test_bench_decode_tiny(tmp_path, monkeypatch):
     assert {row["layout"] for row in result["rows"]} == {"unrolled", "stacked (scan)"}
     assert all(row["decode_tok_s"] > 0 for row in result["rows"])
     assert (tmp_path / "bench_decode.md").read_text().count("\n") >= 4
+
+
+@pytest.mark.slow
+def test_batching_throughput_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["batching_throughput.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "batching_throughput.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads((tmp_path / "batching_throughput.json").read_text())
+    assert [row["policy"] for row in result["rows"]] == ["continuous", "static", "one at a time"]
+    assert len({row["new_tokens"] for row in result["rows"]}) == 1  # same work for each policy

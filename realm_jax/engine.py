@@ -1,0 +1,323 @@
+"""`Engine`: continuous batching over one preallocated KV cache (Realm's runtime manager).
+
+The engine owns `max_batch` slots, each a row of one KV cache. Requests wait in a FIFO queue;
+whenever a slot is free the next request is prefilled into it (`prefill_into_slot`), and one
+`decode_step` advances every occupied slot at once, free slots masked. A request leaves its slot
+at EOS, at its token budget or when cancelled, and the next one takes the slot at once.
+
+Everything here is host-side bookkeeping in plain Python; the arrays' meaning lives in the
+jitted steps of `batching.py`, the same ones `rj.generate` runs. Randomness is keyed by
+(seed, token position) only (`sampling.token_rngs` with request id 0), so a request draws the
+same tokens alone and batched, whatever slot it lands in.
+"""
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.batching import _append_and_sample, bucket, decode_step, decode_window
+from realm_jax.errors import RealmError, RequestError
+from realm_jax.generation import GREEDY, validate_ids
+from realm_jax.kv_cache import init_cache, insert_row
+from realm_jax.loading import Model
+from realm_jax.sampling import Sampling, SamplingParams
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "implementation"), donate_argnames=("cache",)
+)
+def prefill_into_slot(
+    params,
+    tokens,
+    num_tokens,
+    cache,
+    slot,
+    sampling,
+    seeds,
+    request_ids,
+    *,
+    config,
+    implementation="auto",
+):
+    """Prefill one prompt into row `slot` of a cache and sample its first token.
+
+    The prompt runs alone (batch 1, a fresh cache of its padded length), so its keys, values
+    and first token are the same whatever the other slots hold; they are then copied into
+    the slot (`kv_cache.insert_row`).
+
+    Args:
+      tokens: [1, T] int32 prompt padded to a length bucket; num_tokens: [1] real length.
+      cache: the engine's cache (donated); slot: int32 scalar.
+      sampling, seeds, request_ids: the request's row (see `batching.prefill_step`).
+
+    Returns:
+      (next_token [1], logits [1, V], cache).
+    """
+    t = tokens.shape[1]
+    row = init_cache(config, 1, t, cache.k[0].dtype, stacked=not isinstance(params.layers, tuple))
+    token, logits, row = _append_and_sample(
+        params,
+        tokens,
+        num_tokens,
+        row,
+        sampling,
+        seeds,
+        request_ids,
+        config=config,
+        attn_len=t,
+        implementation=implementation,
+    )
+    return token, logits, insert_row(cache, row, slot)
+
+
+@dataclasses.dataclass
+class _Request:
+    """One submitted request and its progress (host state, mutable by the scheduler only)."""
+
+    request_id: int
+    prompt: np.ndarray  # [T] int32
+    max_new_tokens: int
+    sampling: Sampling
+    seed: int
+    adapter: str | None
+    stop_at_eos: bool
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    cancelled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """What `Engine.stream` yields: one new token of a request, or the request's end.
+
+    Attributes:
+      request_id: the id `submit` returned.
+      token: the new token id, or None for an event that only reports the end.
+      done: True on the request's last event (EOS, budget reached, cancelled).
+    """
+
+    request_id: int
+    token: int | None
+    done: bool
+
+
+class Engine:
+    """Continuous batching of many requests over one model (see the module docstring).
+
+    Args:
+      model: a loaded `rj.Model`.
+      max_batch: number of slots (rows of every decode step).
+      max_seq_len: cache positions per slot; a request's prompt + max_new_tokens must fit.
+      draft: reserved for speculative decoding (not wired into the engine yet: must be None).
+      num_draft_tokens: tokens the draft proposes per step when `draft` is given.
+      implementation: attention implementation (see `rj.attention`).
+
+    Raises:
+      RealmError: invalid sizes.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        max_batch: int = 8,
+        max_seq_len: int = 2048,
+        draft: Model | None = None,
+        num_draft_tokens: int = 4,
+        *,
+        implementation: str = "auto",
+    ):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise RealmError(f"Engine: max_batch must be an integer >= 1, got {max_batch!r}")
+        context = model.config.context_length
+        if not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= context:
+            raise RealmError(
+                f"Engine: max_seq_len must be an integer in 1..{context} (the model's context "
+                f"length), got {max_seq_len!r}"
+            )
+        if draft is not None:
+            raise RealmError("Engine: speculative decoding is not wired into the engine yet")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.num_draft_tokens = num_draft_tokens
+        self.implementation = implementation
+        stacked = not isinstance(model.params.layers, tuple)
+        self._cache = init_cache(model.config, max_batch, max_seq_len, model.dtype, stacked)
+        self._slots: list[_Request | None] = [None] * max_batch
+        self._lengths = np.zeros(max_batch, np.int64)  # host mirror of the cache's lengths
+        self._next = np.zeros(max_batch, np.int32)  # each slot's newest token, not yet cached
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._requests: dict[int, _Request] = {}  # submitted and not yet finished
+        self._finished: dict[int, list[int]] = {}  # finished since the last `run`
+        self._next_id = 0
+        self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
+
+    # Requests ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        seed: int = 0,
+        adapter: str | None = None,
+        stop_at_eos: bool = True,
+    ) -> int:
+        """Queue a request and return its id.
+
+        Raises:
+          RequestError: empty or out-of-vocabulary prompt, prompt + max_new_tokens beyond
+            `max_seq_len`, invalid sampling or seed, unknown adapter. Nothing is queued then,
+            and the requests already submitted are not affected.
+        """
+        prompt = validate_ids(self.model, ids, max_new_tokens)
+        if prompt.size + max_new_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt ({prompt.size} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the engine's max_seq_len {self.max_seq_len}"
+            )
+        if not isinstance(sampling, Sampling):
+            raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+            raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+        if adapter is not None:
+            raise RequestError(f"unknown adapter {adapter!r}: the engine has no adapters")
+        request = _Request(
+            request_id=self._next_id,
+            prompt=prompt,
+            max_new_tokens=int(max_new_tokens),
+            sampling=sampling,
+            seed=int(seed),
+            adapter=adapter,
+            stop_at_eos=bool(stop_at_eos),
+        )
+        self._next_id += 1
+        self._requests[request.request_id] = request
+        self._queue.append(request)
+        return request.request_id
+
+    def cancel(self, request_id: int) -> None:
+        """End a request with the tokens it has so far (at the next step; unknown or finished
+        ids are ignored)."""
+        if request_id in self._requests:
+            self._requests[request_id].cancelled = True
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet finished (queued or in a slot)."""
+        return len(self._requests)
+
+    # Scheduling -------------------------------------------------------------------------
+
+    def _finish(self, request: _Request) -> TokenEvent:
+        if request.slot is not None:
+            self._slots[request.slot] = None
+            request.slot = None
+        del self._requests[request.request_id]
+        self._finished[request.request_id] = list(request.tokens)
+        return TokenEvent(request.request_id, None, True)
+
+    def _accept(self, request: _Request, token: int) -> TokenEvent:
+        """Record a request's new token; free its slot when it is the last one."""
+        request.tokens.append(token)
+        done = len(request.tokens) >= request.max_new_tokens or (
+            request.stop_at_eos and token == self._eos
+        )
+        if done:
+            self._finish(request)
+        else:
+            self._next[request.slot] = token
+        return TokenEvent(request.request_id, token, done)
+
+    def _sampling_rows(self) -> tuple[SamplingParams, jnp.ndarray]:
+        rows = [r.sampling if r is not None else GREEDY for r in self._slots]
+        seeds = [r.seed if r is not None else 0 for r in self._slots]
+        return SamplingParams.from_rows(rows), jnp.asarray(seeds, jnp.int32)
+
+    def _prefill(self, request: _Request, slot: int) -> TokenEvent:
+        prompt = request.prompt
+        padded = bucket(prompt.size, self.max_seq_len)
+        tokens = np.zeros((1, padded), np.int32)
+        tokens[0, : prompt.size] = prompt
+        request.slot = slot
+        self._slots[slot] = request
+        token, _, self._cache = prefill_into_slot(
+            self.model.params,
+            jnp.asarray(tokens),
+            jnp.asarray([prompt.size], jnp.int32),
+            self._cache,
+            jnp.asarray(slot, jnp.int32),
+            SamplingParams.from_rows([request.sampling]),
+            jnp.asarray([request.seed], jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            config=self.model.config,
+            implementation=self.implementation,
+        )
+        self._lengths[slot] = prompt.size
+        return self._accept(request, int(token[0]))
+
+    def _decode(self) -> list[TokenEvent]:
+        active = np.array([r is not None for r in self._slots])
+        window = decode_window(int(self._lengths[active].max()) + 1, self.max_seq_len)
+        sampling, seeds = self._sampling_rows()
+        tokens, _, self._cache = decode_step(
+            self.model.params,
+            jnp.asarray(self._next),
+            jnp.asarray(active),
+            self._cache,
+            sampling,
+            seeds,
+            jnp.zeros((self.max_batch,), jnp.int32),
+            config=self.model.config,
+            attn_len=window,
+            implementation=self.implementation,
+        )
+        tokens = np.asarray(tokens)
+        self._lengths[active] += 1
+        return [
+            self._accept(request, int(tokens[slot]))
+            for slot, request in enumerate(list(self._slots))
+            if request is not None
+        ]
+
+    def step(self) -> list[TokenEvent]:
+        """Cancel, admit (prefilling into free slots) and run one decode step for all slots.
+
+        Returns:
+          the events of this step, in order.
+        """
+        events = []
+        for request in [r for r in self._requests.values() if r.cancelled]:
+            if request.slot is None:
+                self._queue.remove(request)
+            events.append(self._finish(request))
+        while self._queue and None in self._slots:
+            events.append(self._prefill(self._queue.popleft(), self._slots.index(None)))
+        if any(r is not None for r in self._slots):
+            events.extend(self._decode())
+        return events
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Run until every submitted request is finished, yielding events as they happen.
+
+        Requests may be submitted or cancelled between events; they join the running batch.
+        """
+        while self._requests:
+            yield from self.step()
+
+    def run(self) -> dict[int, list[int]]:
+        """Run until every submitted request is finished.
+
+        Returns:
+          {request id: new token ids} for every request finished since the last `run`
+          (a cancelled request keeps the tokens it had).
+        """
+        for _ in self.stream():
+            pass
+        finished, self._finished = self._finished, {}
+        return finished

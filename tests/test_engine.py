@@ -1,0 +1,152 @@
+"""The continuous batching engine: batch invariance against `rj.generate` alone, every
+request finishing exactly once, and bad requests failing alone."""
+
+import numpy as np
+import pytest
+
+import realm_jax as rj
+from realm_jax.config import tiny
+from realm_jax.testing import random_tensors, write_gguf
+
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = tiny(vocab_size=300, context_length=CONTEXT)
+    path = tmp_path_factory.mktemp("engine") / "tiny.gguf"
+    write_gguf(path, config, random_tensors(config, seed=7), qtype="F32")
+    return rj.load_model(path)
+
+
+def _requests(model, count, seed, sampled=False):
+    """Random prompts (1..40 tokens) and budgets (1..16 tokens); some sampled."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        prompt = rng.integers(3, model.config.vocab_size, rng.integers(1, 41)).tolist()
+        sampling = rj.Sampling()
+        if sampled and i % 2:
+            sampling = rj.Sampling(temperature=0.9, top_k=int(rng.integers(0, 50)), top_p=0.95)
+        out.append(
+            dict(
+                ids=prompt,
+                max_new_tokens=int(rng.integers(1, 17)),
+                sampling=sampling,
+                seed=int(rng.integers(0, 1000)),
+            )
+        )
+    return out
+
+
+def _alone(model, requests):
+    return [
+        rj.generate(model, r["ids"], r["max_new_tokens"], r["sampling"], r["seed"])
+        for r in requests
+    ]
+
+
+def _serve(engine, requests, schedule_seed):
+    """Submit in a random order, some up front and the rest while the engine runs."""
+    rng = np.random.default_rng(schedule_seed)
+    order = rng.permutation(len(requests)).tolist()
+    upfront = int(rng.integers(1, len(order) + 1))
+    ids = {}
+    for i in order[:upfront]:
+        ids[i] = engine.submit(**requests[i])
+    late = order[upfront:]
+    done = {}
+    for event in engine.stream():
+        if event.done:
+            done[event.request_id] = done.get(event.request_id, 0) + 1
+        if late and rng.random() < 0.3:
+            i = late.pop(0)
+            ids[i] = engine.submit(**requests[i])
+    for i in late:  # whatever the stream ended before submitting
+        ids[i] = engine.submit(**requests[i])
+    results = engine.run()
+    assert all(count == 1 for count in done.values())
+    return [results[ids[i]] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 4])
+def test_greedy_and_sampled_requests_equal_generate_alone(model, max_batch):
+    requests = _requests(model, 10, seed=max_batch, sampled=True)
+    expected = _alone(model, requests)
+    engine = rj.Engine(model, max_batch=max_batch, max_seq_len=64)
+    for schedule in range(3):
+        assert _serve(engine, requests, schedule) == expected, f"schedule {schedule}"
+    assert engine.pending == 0
+
+
+def test_a_long_running_neighbour_does_not_change_outputs(model):
+    requests = _requests(model, 6, seed=11)
+    expected = _alone(model, requests)
+    engine = rj.Engine(model, max_batch=3, max_seq_len=CONTEXT)
+    long_prompt = list(range(3, 90))
+    neighbour = engine.submit(long_prompt, max_new_tokens=30, stop_at_eos=False)
+    ids = [engine.submit(**r) for r in requests]
+    results = engine.run()
+    assert [results[i] for i in ids] == expected
+    assert len(results[neighbour]) == 30
+    assert results[neighbour] == rj.generate(model, long_prompt, 30, stop_at_eos=False)
+
+
+def test_every_request_finishes_exactly_once_under_random_cancellation(model):
+    rng = np.random.default_rng(0)
+    engine = rj.Engine(model, max_batch=4, max_seq_len=64)
+    submitted, done_events, tokens = [], {}, {}
+    requests = _requests(model, 300, seed=5, sampled=True)
+    pending = list(requests)
+    for r in pending[:20]:
+        submitted.append(engine.submit(**r))
+    pending = pending[20:]
+    while engine.pending or pending:
+        for event in engine.step():
+            if event.token is not None:
+                tokens.setdefault(event.request_id, []).append(event.token)
+            if event.done:
+                done_events[event.request_id] = done_events.get(event.request_id, 0) + 1
+        for _ in range(int(rng.integers(0, 4))):
+            if pending:
+                submitted.append(engine.submit(**pending.pop(0)))
+        if submitted and rng.random() < 0.4:  # cancel any id, finished ones included
+            engine.cancel(int(rng.choice(submitted)))
+    results = engine.run()
+    assert sorted(results) == sorted(submitted) == sorted(done_events)
+    assert set(done_events.values()) == {1}
+    for rid, new in results.items():
+        assert new == tokens.get(rid, [])
+        assert len(new) <= requests[rid]["max_new_tokens"]
+    assert engine.pending == 0
+
+
+def test_bad_requests_fail_alone(model):
+    engine = rj.Engine(model, max_batch=2, max_seq_len=32)
+    good = _requests(model, 3, seed=3)
+    good = [dict(r, ids=r["ids"][:10]) for r in good]
+    ids = [engine.submit(**good[0])]
+    bad = [
+        dict(ids=[]),  # empty prompt
+        dict(ids=[1, 2, model.config.vocab_size]),  # outside the vocabulary
+        dict(ids=[5] * 30, max_new_tokens=3),  # beyond max_seq_len
+        dict(ids=[5], max_new_tokens=-1),
+        dict(ids=[5], sampling=dict(temperature=1.0)),  # not an rj.Sampling
+        dict(ids=[5], seed=-1),
+        dict(ids=[5], adapter="nobody"),  # unknown tenant
+    ]
+    for kwargs in bad:
+        with pytest.raises(rj.RequestError):
+            engine.submit(**kwargs)
+        ids.append(engine.submit(**good[len(ids) % 3]))
+    results = engine.run()
+    assert [results[i] for i in ids] == [_alone(model, [good[i % 3]])[0] for i in range(len(ids))]
+    with pytest.raises(rj.RequestError):
+        rj.Sampling(temperature=-1.0)
+
+
+def test_engine_sizes_are_validated(model):
+    with pytest.raises(rj.RealmError, match="max_batch"):
+        rj.Engine(model, max_batch=0)
+    with pytest.raises(rj.RealmError, match="max_seq_len"):
+        rj.Engine(model, max_batch=2, max_seq_len=CONTEXT + 1)
