@@ -31,3 +31,16 @@ def test_batching_throughput_tiny(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "batching_throughput.json").read_text())
     assert [row["policy"] for row in result["rows"]] == ["continuous", "static", "one at a time"]
     assert len({row["new_tokens"] for row in result["rows"]}) == 1  # same work for each policy
+
+
+@pytest.mark.slow
+def test_bench_attention_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "bench_attention.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads((tmp_path / "bench_attention.json").read_text())
+    for row in result["prefill"] + result["decode"]:
+        assert row["impls"]["pallas"]["status"] == "ok" and row["impls"]["pallas"]["seconds"] > 0
+        assert row["impls"]["xla"]["status"] == "ok"
+    assert (tmp_path / "bench_attention.md").read_text().count("\n") >= 8
