@@ -17,6 +17,14 @@ from realm_jax.errors import (
 )
 from realm_jax.generation import generate, logits, stream
 from realm_jax.loading import Model, load_model
+from realm_jax.lora import (
+    LoraAdapter,
+    LoraStack,
+    load_adapter,
+    merge_adapter,
+    set_adapter_slot,
+    stack_adapters,
+)
 from realm_jax.sampling import Sampling
 from realm_jax.tokenizer import Tokenizer
 
@@ -24,6 +32,8 @@ __all__ = [
     "AdapterError",
     "Engine",
     "GGUFError",
+    "LoraAdapter",
+    "LoraStack",
     "Model",
     "ModelConfig",
     "RealmError",
@@ -34,8 +44,12 @@ __all__ = [
     "UnsupportedModelError",
     "attention",
     "generate",
+    "load_adapter",
     "load_model",
     "logits",
+    "merge_adapter",
     "model",
+    "set_adapter_slot",
+    "stack_adapters",
     "stream",
 ]

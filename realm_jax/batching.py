@@ -4,6 +4,10 @@
 `max_batch` rows. Shapes are bucketed on the host (`bucket`) so that recompiles are bounded:
 prompts are padded to a length bucket, and attention reads only `attn_len` cache positions,
 the smallest bucket holding every row's length, instead of the whole capacity.
+
+Every step takes an optional `lora` (a `lora.LoraStack`, traced like the params) and
+`adapter_ids` ([B] int32, each row's slot in the stack); None runs the base model with no
+extra ops. A stack of a different shape (M, ranks, targets) is a new compilation.
 """
 
 import functools
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 
 from realm_jax.config import ModelConfig
 from realm_jax.kv_cache import KVCache, init_cache
+from realm_jax.lora import LoraStack
 from realm_jax.model import Params, forward, lm_head
 from realm_jax.sampling import SamplingParams, sample, token_rngs
 
@@ -42,6 +47,8 @@ def _append_and_sample(
     sampling: SamplingParams,
     seeds: jax.Array,
     request_ids: jax.Array,
+    lora: LoraStack | None = None,
+    adapter_ids: jax.Array | None = None,
     *,
     config: ModelConfig,
     attn_len: int,
@@ -57,6 +64,8 @@ def _append_and_sample(
       cache: KV cache (donated); row b's new tokens go to positions lengths[b]...
       sampling: per-row sampling parameters.
       seeds, request_ids: [B] int32, with the token position they key the sampler.
+      lora: optional stack of M adapters; adapter_ids: [B] int32 slot of each row
+        (see `model.forward`).
       config, attn_len, implementation: static; see `model.forward`.
 
     Returns:
@@ -74,6 +83,8 @@ def _append_and_sample(
         config=config,
         attn_len=attn_len,
         implementation=implementation,
+        lora=lora,
+        adapter_ids=adapter_ids,
     )  # [B, T, D]
     last = jnp.clip(num_tokens - 1, 0, t - 1)
     hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -102,6 +113,8 @@ def decode_step(
     sampling: SamplingParams,
     seeds: jax.Array,
     request_ids: jax.Array,
+    lora: LoraStack | None = None,
+    adapter_ids: jax.Array | None = None,
     *,
     config: ModelConfig,
     attn_len: int,
@@ -125,6 +138,8 @@ def decode_step(
         sampling,
         seeds,
         request_ids,
+        lora,
+        adapter_ids,
         config=config,
         attn_len=attn_len,
         implementation=implementation,
@@ -136,6 +151,8 @@ def prompt_logits(
     params: Params,
     tokens: jax.Array,
     num_tokens: jax.Array,
+    lora: LoraStack | None = None,
+    adapter_ids: jax.Array | None = None,
     *,
     config: ModelConfig,
     implementation: str = "auto",
@@ -145,6 +162,7 @@ def prompt_logits(
     Args:
       tokens: [B, T] int32, padded beyond num_tokens.
       num_tokens: [B] int32.
+      lora, adapter_ids: optional adapter stack and [B] int32 slots (see `model.forward`).
 
     Returns:
       [B, T, V] float32; positions at or beyond num_tokens[b] are meaningless.
@@ -162,5 +180,7 @@ def prompt_logits(
         config=config,
         attn_len=t,
         implementation=implementation,
+        lora=lora,
+        adapter_ids=adapter_ids,
     )
     return lm_head(params, hidden)

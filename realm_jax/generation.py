@@ -2,10 +2,15 @@
 
 There is one decode loop in the project: `stream` runs `batching.prefill_step` once and then
 `batching.decode_step` per token, on one row; `generate` collects what `stream` yields.
+
+`adapter=` runs a `LoraAdapter` by one of two strategies (`lora_strategy`): "merged" merges it
+into a new params pytree for the call (the base params are untouched), "unmerged" passes it
+to the steps as a stack of one adapter. Both are exact against the float64 reference.
 """
 
 from collections.abc import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -13,9 +18,19 @@ from realm_jax.batching import bucket, decode_step, decode_window, prefill_step,
 from realm_jax.errors import RequestError
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
+from realm_jax.lora import LoraAdapter, LoraStack, check_adapter, merge_adapter, stack_adapters
+from realm_jax.model import Params
 from realm_jax.sampling import Sampling, SamplingParams
 
 GREEDY = Sampling()
+LORA_STRATEGIES = ("merged", "unmerged")
+# The default strategy for one request, from experiments/lora_strategies.py (SmolLM2-135M,
+# float32, shared 2-core CPU, adapters on all 7 projections; docs/lora.md): merged decodes at
+# the base model's speed (38.0 vs 37.1 ms per token at best, rank 16) where unmerged costs
+# 3-10 ms more (40.3 ms at rank 16, 47.3 ms at rank 64), and merged reuses the base model's
+# compiled steps (first request 24 s vs 34 s) at the price of a 0.3-0.7 s merge per call. For
+# many calls with one adapter, merge once (`rj.merge_adapter`) or pass "unmerged".
+DEFAULT_LORA_STRATEGY = "merged"
 
 
 def validate_ids(model: Model, ids: Sequence[int], max_new_tokens: int = 0) -> np.ndarray:
@@ -46,26 +61,65 @@ def validate_ids(model: Model, ids: Sequence[int], max_new_tokens: int = 0) -> n
     return array.astype(np.int32)
 
 
-def logits(model: Model, ids: Sequence[int], *, implementation: str = "auto") -> np.ndarray:
+def with_adapter(
+    model: Model, adapter: LoraAdapter | None, lora_strategy: str = DEFAULT_LORA_STRATEGY
+) -> tuple[Params, LoraStack | None, jax.Array | None]:
+    """The (params, lora, adapter_ids) that run one request with `adapter`.
+
+    Returns:
+      The model's own params and (None, None) without an adapter; merged params and
+      (None, None) for "merged"; the base params, a stack of one adapter and ids [1] = 0 for
+      "unmerged".
+
+    Raises:
+      RequestError: an unknown strategy.
+      AdapterError: an adapter that does not fit the model.
+    """
+    if lora_strategy not in LORA_STRATEGIES:
+        raise RequestError(f"lora_strategy {lora_strategy!r} is not one of {LORA_STRATEGIES}")
+    if adapter is None:
+        return model.params, None, None
+    check_adapter(adapter, model.params, model.config)
+    if lora_strategy == "merged":
+        return merge_adapter(model.params, adapter), None, None
+    return model.params, stack_adapters([adapter]), jnp.zeros((1,), jnp.int32)
+
+
+def logits(
+    model: Model,
+    ids: Sequence[int],
+    *,
+    adapter: LoraAdapter | None = None,
+    lora_strategy: str = DEFAULT_LORA_STRATEGY,
+    implementation: str = "auto",
+) -> np.ndarray:
     """Logits at every position of one prompt.
 
     Args:
       model: a loaded model.
       ids: T token ids.
+      adapter: an `rj.LoraAdapter` for this model (`rj.load_adapter`), or None.
+      lora_strategy: "merged" or "unmerged" (see `with_adapter`).
       implementation: attention implementation (see `rj.attention`).
 
     Returns:
       [T, V] float32 NumPy array; row t scores the token after ids[t].
+
+    Raises:
+      RequestError, AdapterError: a bad prompt, strategy or adapter.
     """
     array = validate_ids(model, ids)
+    params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
     t = array.size
     padded = bucket(t, model.config.context_length)
     tokens = np.zeros((1, padded), np.int32)
     tokens[0, :t] = array
     out = prompt_logits(
-        model.params,
+        params,
         jnp.asarray(tokens),
         jnp.asarray([t], jnp.int32),
+        lora,
+        adapter_ids,
         config=model.config,
         implementation=implementation,
     )
@@ -80,6 +134,8 @@ def stream(
     seed: int = 0,
     stop_at_eos: bool = True,
     *,
+    adapter: LoraAdapter | None = None,
+    lora_strategy: str = DEFAULT_LORA_STRATEGY,
     request_id: int = 0,
     implementation: str = "auto",
 ) -> Iterator[int]:
@@ -89,6 +145,7 @@ def stream(
         raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
         raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+    params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
     if max_new_tokens == 0:
         return
     config = model.config
@@ -105,13 +162,15 @@ def stream(
     steps = dict(config=config, implementation=implementation)
 
     token, _, cache = prefill_step(
-        model.params,
+        params,
         jnp.asarray(tokens),
         jnp.asarray([prompt.size], jnp.int32),
         cache,
         row_sampling,
         seeds,
         request_ids,
+        lora,
+        adapter_ids,
         attn_len=tokens.shape[1],
         **steps,
     )
@@ -124,13 +183,15 @@ def stream(
         # attention reads the smallest window holding every position written so far
         window = decode_window(prompt.size + produced, capacity)
         token, _, cache = decode_step(
-            model.params,
+            params,
             token,
             active,
             cache,
             row_sampling,
             seeds,
             request_ids,
+            lora,
+            adapter_ids,
             attn_len=window,
             **steps,
         )
@@ -143,6 +204,8 @@ def generate(
     sampling: Sampling = GREEDY,
     seed: int = 0,
     stop_at_eos: bool = True,
+    *,
+    adapter: LoraAdapter | None = None,
     **kwargs,
 ) -> list[int]:
     """Generate up to `max_new_tokens` tokens after a prompt.
@@ -154,12 +217,17 @@ def generate(
       sampling: temperature / top-k / top-p (temperature 0 = greedy).
       seed: the sampler's seed; token t's randomness depends only on (seed, request, t).
       stop_at_eos: stop after the tokenizer's EOS token (it is included in the output).
-      **kwargs: `request_id`, `implementation` (see `stream`).
+      adapter: an `rj.LoraAdapter` for this model (`rj.load_adapter`), or None.
+      **kwargs: `lora_strategy` ("merged" or "unmerged", see `with_adapter`), `request_id`,
+        `implementation` (see `stream`).
 
     Returns:
       The new token ids only.
 
     Raises:
-      RequestError: invalid prompt, lengths, sampling parameters or seed.
+      RequestError: invalid prompt, lengths, sampling parameters, seed or strategy.
+      AdapterError: an adapter that does not fit the model.
     """
-    return list(stream(model, ids, max_new_tokens, sampling, seed, stop_at_eos, **kwargs))
+    return list(
+        stream(model, ids, max_new_tokens, sampling, seed, stop_at_eos, adapter=adapter, **kwargs)
+    )

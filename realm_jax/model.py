@@ -2,16 +2,22 @@
 
 Axis legend (JAX's own, used in every shape comment and einsum string of the project):
 B batch, T query length, S key/value (cache) length, N query heads, K KV heads,
-G = N // K, H head dim, D model width, F FFN width, V vocabulary, L layers.
+G = N // K, H head dim, D model width, F FFN width, V vocabulary, L layers,
+R LoRA rank, M adapters in a LoRA stack.
 
 No I/O here: `params_from_tensors` takes arrays that `gguf.read_gguf` produced. Layers are
 either stacked ([L, ...] leaves, iterated with `lax.scan`) or a tuple of per-layer pytrees
 (unrolled); `forward` runs either with the same block function (experiments/bench_decode.py
 measures both).
+
+LoRA: `forward(..., lora=stack, adapter_ids=ids)` adds each row's own low-rank delta inside
+the projections (`lora_delta`); the pytrees, loaders and merging live in `lora.py`, which
+imports this module (not the reverse). With `lora=None` the forward has no extra ops.
 """
 
 import dataclasses
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +27,9 @@ from realm_jax.attention import attention
 from realm_jax.config import ModelConfig
 from realm_jax.gguf import TENSOR_TABLE
 from realm_jax.kv_cache import KVCache, window, write_layer, write_rows
+
+if TYPE_CHECKING:
+    from realm_jax.lora import LayerLora, LoraDelta, LoraStack
 
 
 @jax.tree_util.register_dataclass
@@ -178,12 +187,63 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, rope_dim: int) -
     return jnp.concatenate([rotated, x[..., rope_dim:]], axis=-1)
 
 
+def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.Array:
+    """((x @ a) * scale) @ b with each row's own adapter from a stack of M.
+
+    Args:
+      x: [B, T, *in] the projection's input.
+      delta: a stacked `lora.LoraDelta`: a [M, *in, R], b [M, R, *out], scale [M, R].
+      adapter_ids: [B] int32 in 0..M-1, the adapter of each row (clamped into that range).
+
+    Returns:
+      [B, T, *out], in x's dtype.
+    """
+    if delta.scale.ndim != 2:
+        raise ValueError(
+            f"lora must be a stack of adapters (scale [M, R], got {delta.scale.shape}): "
+            "build it with lora.stack_adapters"
+        )
+    b, t = x.shape[:2]
+    m, r = delta.scale.shape
+    out_dims = delta.b.shape[2:]
+    x = x.reshape(b, t, -1)  # [B, T, I]
+    # mode="clip": ids are clamped into 0..M-1 (callers validate them). The default "fill"
+    # mode selects NaN for out-of-range ids, an extra pass over the stack; with "clip" XLA
+    # turns the gather from an M = 1 stack into a bitcast, so one adapter unmerged costs no
+    # copy. With M > 1 each row's a and b are gathered ([B, I, R], [B, R, O]).
+    a = jnp.take(delta.a.reshape(m, -1, r), adapter_ids, axis=0, mode="clip")  # [B, I, R]
+    w_up = jnp.take(delta.b.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, O]
+    scale = jnp.take(delta.scale, adapter_ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
+    low = jnp.einsum("BTI,BIR->BTR", x, a) * scale  # [B, T, R]
+    return jnp.einsum("BTR,BRO->BTO", low, w_up).reshape(b, t, *out_dims)  # [B, T, *out]
+
+
+def _plus_lora(
+    y: jax.Array,
+    x: jax.Array,
+    lora: "LayerLora | None",
+    leaf: str,
+    adapter_ids: jax.Array | None,
+) -> jax.Array:
+    """y + the LoRA delta of weight `leaf` on input x; y itself when there is none."""
+    delta = None if lora is None else getattr(lora, leaf)
+    if delta is None:
+        return y
+    return y + lora_delta(x, delta, adapter_ids)
+
+
 def _project_qkv(
-    layer: LayerParams, x: jax.Array, positions: jax.Array, config: ModelConfig
+    layer: LayerParams,
+    x: jax.Array,
+    positions: jax.Array,
+    config: ModelConfig,
+    lora: "LayerLora | None" = None,
+    adapter_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm Q/K/V projections with RoPE: q [B, T, N, H], k and v [B, T, K, H]."""
     h = rms_norm(x, layer.attn_norm, config.norm_eps)  # [B, T, D]
     qkv = jnp.einsum("BTD,DEH->BTEH", h, layer.wqkv)  # [B, T, N + 2K, H]
+    qkv = _plus_lora(qkv, h, lora, "wqkv", adapter_ids)
     n, kv = config.n_heads, config.n_kv_heads
     q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
     q = apply_rope(q, positions, config.rope_base, config.rope_dim)
@@ -191,12 +251,21 @@ def _project_qkv(
     return q, k, v
 
 
-def _mlp_block(layer: LayerParams, x: jax.Array, config: ModelConfig) -> jax.Array:
+def _mlp_block(
+    layer: LayerParams,
+    x: jax.Array,
+    config: ModelConfig,
+    lora: "LayerLora | None" = None,
+    adapter_ids: jax.Array | None = None,
+) -> jax.Array:
     """Pre-norm SwiGLU MLP with its residual."""
     h = rms_norm(x, layer.ffn_norm, config.norm_eps)  # [B, T, D]
     gate_up = jnp.einsum("BTD,DE->BTE", h, layer.w_gate_up)  # [B, T, 2F]
+    gate_up = _plus_lora(gate_up, h, lora, "w_gate_up", adapter_ids)
     gate, up = gate_up[..., : config.ffn_dim], gate_up[..., config.ffn_dim :]
-    return x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
+    act = jax.nn.silu(gate) * up  # [B, T, F]
+    down = jnp.einsum("BTF,FD->BTD", act, layer.w_down)
+    return x + _plus_lora(down, act, lora, "w_down", adapter_ids)
 
 
 def forward(
@@ -209,6 +278,8 @@ def forward(
     config: ModelConfig,
     attn_len: int | None = None,
     implementation: str = "auto",
+    lora: "LoraStack | None" = None,
+    adapter_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder over new tokens, writing their keys and values into the cache.
 
@@ -223,6 +294,10 @@ def forward(
       attn_len: static number of cache positions attention reads (a bucket >= max
         kv_lengths); None reads the whole capacity.
       implementation: attention implementation (see `rj.attention`).
+      lora: optional `lora.LoraStack` of M adapters ([M, ...] per-layer leaves, in the
+        params' layer layout); each projection adds ((x @ a) * scale) @ b of the row's
+        adapter. None (the default) adds no ops at all.
+      adapter_ids: [B] int32 in 0..M-1, each row's adapter in `lora` (None: all 0).
 
     Returns:
       (hidden [B, T, D] after the final norm, the updated cache with lengths = kv_lengths).
@@ -232,10 +307,15 @@ def forward(
             "params and cache disagree on the layer layout (stacked vs tuple of layers): "
             "build the cache with init_cache(..., stacked=not isinstance(params.layers, tuple))"
         )
+    if lora is not None:
+        if isinstance(params.layers, tuple) != isinstance(lora.layers, tuple):
+            raise ValueError("params and lora disagree on the layer layout (stacked vs tuple)")
+        if adapter_ids is None:
+            adapter_ids = jnp.zeros(tokens.shape[:1], jnp.int32)
     attn_len = cache.capacity if attn_len is None else attn_len
     x = params.embed[tokens]  # [B, T, D]
 
-    def attend(layer, x, q, k_cache, v_cache):
+    def attend(layer, layer_lora, x, q, k_cache, v_cache):
         out = attention(
             q, k_cache, v_cache, positions, kv_lengths, implementation=implementation
         )  # [B, T, N, H]
@@ -243,16 +323,22 @@ def forward(
         # and copies wo on every call (found in the optimized HLO), 1.3 MB per layer per step.
         b, t = out.shape[:2]
         wo = layer.wo.reshape(-1, layer.wo.shape[-1])  # [N*H, D]
-        x = x + jnp.einsum("BTE,ED->BTD", out.reshape(b, t, -1), wo)
-        return _mlp_block(layer, x, config)
+        out = out.reshape(b, t, -1)  # [B, T, N*H]
+        x = x + _plus_lora(jnp.einsum("BTE,ED->BTD", out, wo), out, layer_lora, "wo", adapter_ids)
+        return _mlp_block(layer, x, config, layer_lora, adapter_ids)
 
     if isinstance(params.layers, tuple):
         new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
-            q, k, v = _project_qkv(layer, x, positions, config)
+        layer_loras = (None,) * len(params.layers) if lora is None else lora.layers
+        for layer, layer_lora, k_cache, v_cache in zip(
+            params.layers, layer_loras, cache.k, cache.v, strict=True
+        ):
+            q, k, v = _project_qkv(layer, x, positions, config, layer_lora, adapter_ids)
             k_cache = write_rows(k_cache, k, positions)  # [B, K, S, H]
             v_cache = write_rows(v_cache, v, positions)
-            x = attend(layer, x, q, window(k_cache, attn_len), window(v_cache, attn_len))
+            x = attend(
+                layer, layer_lora, x, q, window(k_cache, attn_len), window(v_cache, attn_len)
+            )
             new_k.append(k_cache)
             new_v.append(v_cache)
         new_k, new_v = tuple(new_k), tuple(new_v)
@@ -260,17 +346,19 @@ def forward(
         # The full [L, B, K, S, H] buffers ride in the carry and are written at layer i by a
         # scatter, so XLA updates them in place; scanning them as xs/ys, or slicing out a
         # whole layer and writing it back, would copy the cache every step.
-        def scan_step(carry, layer):
+        def scan_step(carry, xs):
+            layer, layer_lora = xs if lora is not None else (xs, None)
             x, all_k, all_v, i = carry
-            q, k, v = _project_qkv(layer, x, positions, config)
+            q, k, v = _project_qkv(layer, x, positions, config, layer_lora, adapter_ids)
             all_k = write_layer(all_k, i, k, positions)
             all_v = write_layer(all_v, i, v, positions)
             k_ctx = window(jax.lax.dynamic_index_in_dim(all_k, i, 0, keepdims=False), attn_len)
             v_ctx = window(jax.lax.dynamic_index_in_dim(all_v, i, 0, keepdims=False), attn_len)
-            return (attend(layer, x, q, k_ctx, v_ctx), all_k, all_v, i + 1), None
+            return (attend(layer, layer_lora, x, q, k_ctx, v_ctx), all_k, all_v, i + 1), None
 
         init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
-        (x, new_k, new_v, _), _ = jax.lax.scan(scan_step, init, params.layers)
+        xs = params.layers if lora is None else (params.layers, lora.layers)
+        (x, new_k, new_v, _), _ = jax.lax.scan(scan_step, init, xs)
     hidden = rms_norm(x, params.final_norm, config.norm_eps)
     return hidden, KVCache(k=new_k, v=new_v, lengths=kv_lengths)
 

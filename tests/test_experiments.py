@@ -44,3 +44,18 @@ def test_bench_attention_tiny(tmp_path, monkeypatch):
         assert row["impls"]["pallas"]["status"] == "ok" and row["impls"]["pallas"]["seconds"] > 0
         assert row["impls"]["xla"]["status"] == "ok"
     assert (tmp_path / "bench_attention.md").read_text().count("\n") >= 8
+
+
+@pytest.mark.slow
+def test_lora_strategies_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lora_strategies.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "lora_strategies.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads((tmp_path / "lora_strategies.json").read_text())
+    strategies = {row["strategy"] for row in result["rows"]}
+    assert strategies == {"base", "merged", "unmerged", "multi"}
+    assert all(row["best_tok_s"] > 0 and row["tok_s"] > 0 for row in result["rows"])
+    assert {g["strategy"] for g in result["generate"]} == {"merged", "unmerged"}
+    assert all(m["pytree_bytes"] > 0 for m in result["memory"])
+    assert (tmp_path / "lora_strategies.md").read_text().count("\n") >= 8
