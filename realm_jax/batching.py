@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.config import ModelConfig
-from realm_jax.kv_cache import KVCache, init_cache
+from realm_jax.kv_cache import KVCache, init_cache, insert_row
 from realm_jax.lora import LoraStack
 from realm_jax.model import Params, forward, lm_head
 from realm_jax.sampling import SamplingParams, sample, token_rngs
@@ -98,6 +98,63 @@ prefill_step = functools.partial(
     static_argnames=("config", "attn_len", "implementation"),
     donate_argnames=("cache",),
 )(_append_and_sample)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "implementation"), donate_argnames=("cache",)
+)
+def prefill_into_slot(
+    params: Params,
+    tokens: jax.Array,
+    num_tokens: jax.Array,
+    cache: KVCache,
+    slot: jax.Array,
+    sampling: SamplingParams,
+    seeds: jax.Array,
+    request_ids: jax.Array,
+    lora: LoraStack | None = None,
+    adapter_ids: jax.Array | None = None,
+    *,
+    config: ModelConfig,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Prefill one prompt into row `slot` of a cache and sample its first token.
+
+    The prompt runs alone (batch 1, a fresh cache of its padded length T), so its keys,
+    values and first token do not depend on what the other rows hold; they are then copied
+    into the slot's positions 0..T-1 (`kv_cache.insert_row`), whose length becomes
+    num_tokens. `rj.generate` (slot 0 of a one-row cache) and `Engine` both prefill here.
+
+    Args:
+      tokens: [1, T] int32, the prompt padded to a length bucket.
+      num_tokens: [1] int32, its real length.
+      cache: B rows of capacity >= T (donated).
+      slot: int32 scalar, the row to fill.
+      sampling, seeds, request_ids: the request's row, fields [1] (see `prefill_step`).
+      lora, adapter_ids: optional adapter stack and [1] int32 slot (see `model.forward`).
+
+    Returns:
+      (next_token [1] int32, logits [1, V] float32, cache).
+    """
+    t = tokens.shape[1]
+    stacked = not isinstance(params.layers, tuple)
+    dtype = cache.k.dtype if stacked else cache.k[0].dtype
+    row = init_cache(config, 1, t, dtype, stacked=stacked)
+    token, logits, row = _append_and_sample(
+        params,
+        tokens,
+        num_tokens,
+        row,
+        sampling,
+        seeds,
+        request_ids,
+        lora,
+        adapter_ids,
+        config=config,
+        attn_len=t,
+        implementation=implementation,
+    )
+    return token, logits, insert_row(cache, row, slot)
 
 
 @functools.partial(

@@ -13,66 +13,18 @@ same tokens alone and batched, whatever slot it lands in.
 
 import collections
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.batching import _append_and_sample, bucket, decode_step, decode_window
-from realm_jax.errors import RealmError, RequestError
+from realm_jax.batching import bucket, decode_step, decode_window, prefill_into_slot
+from realm_jax.errors import AdapterError, RealmError, RequestError
 from realm_jax.generation import GREEDY, validate_ids
-from realm_jax.kv_cache import init_cache, insert_row
+from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
+from realm_jax.lora import LoraAdapter, check_adapter, set_adapter_slot, stack_adapters
 from realm_jax.sampling import Sampling, SamplingParams
-
-
-@functools.partial(
-    jax.jit, static_argnames=("config", "implementation"), donate_argnames=("cache",)
-)
-def prefill_into_slot(
-    params,
-    tokens,
-    num_tokens,
-    cache,
-    slot,
-    sampling,
-    seeds,
-    request_ids,
-    *,
-    config,
-    implementation="auto",
-):
-    """Prefill one prompt into row `slot` of a cache and sample its first token.
-
-    The prompt runs alone (batch 1, a fresh cache of its padded length), so its keys, values
-    and first token are the same whatever the other slots hold; they are then copied into
-    the slot (`kv_cache.insert_row`).
-
-    Args:
-      tokens: [1, T] int32 prompt padded to a length bucket; num_tokens: [1] real length.
-      cache: the engine's cache (donated); slot: int32 scalar.
-      sampling, seeds, request_ids: the request's row (see `batching.prefill_step`).
-
-    Returns:
-      (next_token [1], logits [1, V], cache).
-    """
-    t = tokens.shape[1]
-    row = init_cache(config, 1, t, cache.k[0].dtype, stacked=not isinstance(params.layers, tuple))
-    token, logits, row = _append_and_sample(
-        params,
-        tokens,
-        num_tokens,
-        row,
-        sampling,
-        seeds,
-        request_ids,
-        config=config,
-        attn_len=t,
-        implementation=implementation,
-    )
-    return token, logits, insert_row(cache, row, slot)
 
 
 @dataclasses.dataclass
@@ -155,7 +107,70 @@ class Engine:
         self._requests: dict[int, _Request] = {}  # submitted and not yet finished
         self._finished: dict[int, list[int]] = {}  # finished since the last `run`
         self._next_id = 0
+        # Tenants: name -> (slot in the adapter stack, adapter). Stack slot 0 is the base
+        # model (zeros); the stack grows by doubling, so adding tenants recompiles the steps
+        # only log2(count) times, and a removed tenant's slot is zeroed and reused.
+        self._adapters: dict[str, tuple[int, LoraAdapter]] = {}
+        self._stack = None
         self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
+
+    # Tenants ----------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Register a tenant's adapter; requests may then name it (also while running).
+
+        Raises:
+          AdapterError: a name already in use, or an adapter that does not fit the model.
+        """
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already registered: remove it first")
+        check_adapter(adapter, self.model.params, self.model.config)
+        used = {slot for slot, _ in self._adapters.values()}
+        size = self._stack.num_adapters if self._stack is not None else 1
+        free = [slot for slot in range(1, size) if slot not in used]
+        if free:
+            self._stack = set_adapter_slot(self._stack, free[0], adapter)
+            self._adapters[name] = (free[0], adapter)
+            return
+        # No free slot: rebuild the stack with twice the slots (base, tenants, free ones).
+        names = sorted(self._adapters, key=lambda n: self._adapters[n][0]) + [name]
+        adapters = [self._adapters[n][1] for n in names[:-1]] + [adapter]
+        slots = [None, *adapters] + [None] * (max(2, 2 * size) - 1 - len(adapters))
+        self._stack = stack_adapters(slots)
+        self._adapters = {
+            n: (i + 1, a) for i, (n, a) in enumerate(zip(names, adapters, strict=True))
+        }
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister a tenant's adapter.
+
+        Raises:
+          AdapterError: an unknown name, or requests (queued or running) still using it;
+            nothing changes then.
+        """
+        if name not in self._adapters:
+            raise AdapterError(f"unknown adapter {name!r}")
+        users = sorted(r.request_id for r in self._requests.values() if r.adapter == name)
+        if users:
+            raise AdapterError(
+                f"adapter {name!r} is still used by requests {users}: wait for them or "
+                "cancel them first"
+            )
+        slot, _ = self._adapters.pop(name)
+        self._stack = set_adapter_slot(self._stack, slot, None)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The registered adapter names."""
+        return sorted(self._adapters)
+
+    def _adapter_ids(self, requests: Sequence["_Request | None"]) -> jnp.ndarray | None:
+        if self._stack is None:
+            return None
+        ids = [self._adapters[r.adapter][0] if r is not None and r.adapter else 0 for r in requests]
+        return jnp.asarray(ids, jnp.int32)
 
     # Requests ---------------------------------------------------------------------------
 
@@ -185,8 +200,8 @@ class Engine:
             raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
             raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
-        if adapter is not None:
-            raise RequestError(f"unknown adapter {adapter!r}: the engine has no adapters")
+        if adapter is not None and adapter not in self._adapters:
+            raise RequestError(f"unknown adapter {adapter!r}; registered: {sorted(self._adapters)}")
         request = _Request(
             request_id=self._next_id,
             prompt=prompt,
@@ -255,6 +270,8 @@ class Engine:
             SamplingParams.from_rows([request.sampling]),
             jnp.asarray([request.seed], jnp.int32),
             jnp.zeros((1,), jnp.int32),
+            self._stack,
+            self._adapter_ids([request]),
             config=self.model.config,
             implementation=self.implementation,
         )
@@ -273,6 +290,8 @@ class Engine:
             sampling,
             seeds,
             jnp.zeros((self.max_batch,), jnp.int32),
+            self._stack,
+            self._adapter_ids(self._slots),
             config=self.model.config,
             attn_len=window,
             implementation=self.implementation,

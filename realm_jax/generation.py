@@ -1,6 +1,6 @@
 """`logits`, `generate` and `stream`: one request through the shared jitted steps.
 
-There is one decode loop in the project: `stream` runs `batching.prefill_step` once and then
+There is one decode loop in the project: `stream` runs `batching.prefill_into_slot` once and then
 `batching.decode_step` per token, on one row; `generate` collects what `stream` yields.
 
 `adapter=` runs a `LoraAdapter` by one of two strategies (`lora_strategy`): "merged" merges it
@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.batching import bucket, decode_step, decode_window, prefill_step, prompt_logits
+from realm_jax.batching import (
+    bucket,
+    decode_step,
+    decode_window,
+    prefill_into_slot,
+    prompt_logits,
+)
 from realm_jax.errors import RequestError
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
@@ -161,17 +167,17 @@ def stream(
     eos = model.tokenizer.eos_id if (stop_at_eos and model.tokenizer is not None) else None
     steps = dict(config=config, implementation=implementation)
 
-    token, _, cache = prefill_step(
+    token, _, cache = prefill_into_slot(
         params,
         jnp.asarray(tokens),
         jnp.asarray([prompt.size], jnp.int32),
         cache,
+        jnp.zeros((), jnp.int32),
         row_sampling,
         seeds,
         request_ids,
         lora,
         adapter_ids,
-        attn_len=tokens.shape[1],
         **steps,
     )
     active = jnp.ones((1,), bool)

@@ -6,6 +6,7 @@ import pytest
 
 import realm_jax as rj
 from realm_jax.config import tiny
+from realm_jax.lora import adapter_from_tensors
 from realm_jax.testing import random_tensors, write_gguf
 
 CONTEXT = 128
@@ -150,3 +151,72 @@ def test_engine_sizes_are_validated(model):
         rj.Engine(model, max_batch=0)
     with pytest.raises(rj.RealmError, match="max_seq_len"):
         rj.Engine(model, max_batch=2, max_seq_len=CONTEXT + 1)
+
+
+def _random_adapter(model, seed, rank=4):
+    """A strong random LoRA on q, v, output and down projections (changes greedy outputs)."""
+    c = model.config
+    rng = np.random.default_rng(seed)
+    dims = dict(
+        attn_q=(c.dim, c.n_heads * c.head_dim),
+        attn_v=(c.dim, c.n_kv_heads * c.head_dim),
+        attn_output=(c.n_heads * c.head_dim, c.dim),
+        ffn_down=(c.ffn_dim, c.dim),
+    )
+    tensors = {}
+    for i in range(c.n_layers):
+        for kind, (n_in, n_out) in dims.items():
+            a = rng.standard_normal((rank, n_in)) / np.sqrt(n_in)
+            b = 0.3 * rng.standard_normal((n_out, rank))
+            tensors[f"blk.{i}.{kind}.weight"] = (a.astype(np.float32), b.astype(np.float32), 2.0)
+    return adapter_from_tensors(c, tensors)
+
+
+def test_tenants_share_decode_steps_and_equal_generate_alone(model):
+    tenants = {"a": _random_adapter(model, 1), "b": _random_adapter(model, 2, rank=8)}
+    requests = _requests(model, 9, seed=21, sampled=True)
+    names = [None, "a", "b"] * 3
+    expected = [
+        rj.generate(model, r["ids"], r["max_new_tokens"], r["sampling"], r["seed"],
+                    adapter=tenants[n] if n else None)
+        for r, n in zip(requests, names, strict=True)
+    ]  # fmt: skip
+    base = _alone(model, requests)
+    assert any(e != b for e, b, n in zip(expected, base, names, strict=True) if n)
+    engine = rj.Engine(model, max_batch=4, max_seq_len=64)
+    for name, adapter in tenants.items():
+        engine.add_adapter(name, adapter)
+    ids = [engine.submit(**r, adapter=n) for r, n in zip(requests, names, strict=True)]
+    results = engine.run()
+    assert [results[i] for i in ids] == expected
+
+
+def test_adapters_added_and_removed_while_running(model):
+    a, b, c = (_random_adapter(model, seed) for seed in (3, 4, 5))
+    requests = _requests(model, 6, seed=31)
+    engine = rj.Engine(model, max_batch=2, max_seq_len=64)
+    engine.add_adapter("a", a)
+    with pytest.raises(rj.AdapterError, match="already registered"):
+        engine.add_adapter("a", b)
+    first = [engine.submit(**r, adapter="a") for r in requests[:3]]
+    later = []
+    for _ in engine.stream():
+        if not later:
+            engine.add_adapter("b", b)  # joins while "a" requests run
+            later = [engine.submit(**r, adapter="b") for r in requests[3:]]
+            with pytest.raises(rj.AdapterError, match="still used"):
+                engine.remove_adapter("a")
+    results = engine.run()
+    expected = [rj.generate(model, **r, adapter=a) for r in requests[:3]]
+    expected += [rj.generate(model, **r, adapter=b) for r in requests[3:]]
+    assert [results[i] for i in first + later] == expected
+    slots = engine._stack.num_adapters
+    engine.remove_adapter("a")  # no request uses it any more
+    with pytest.raises(rj.RequestError, match="unknown adapter"):
+        engine.submit([5, 6], max_new_tokens=4, adapter="a")
+    engine.add_adapter("c", c)  # reuses the freed slot: the steps keep their shapes
+    assert engine._stack.num_adapters == slots and engine.adapters == ["b", "c"]
+    rid = engine.submit(**requests[0], adapter="c")
+    assert engine.run()[rid] == rj.generate(model, **requests[0], adapter=c)
+    with pytest.raises(rj.AdapterError, match="unknown adapter"):
+        engine.remove_adapter("a")
