@@ -26,6 +26,7 @@ from realm_jax.lora import (
     stack_adapters,
 )
 from realm_jax.sampling import Sampling
+from realm_jax.speculative import layer_skip_draft
 from realm_jax.tokenizer import Tokenizer
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "attention",
     "generate",
     "load_adapter",
+    "layer_skip_draft",
     "load_model",
     "logits",
     "merge_adapter",

@@ -25,6 +25,13 @@ from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
 from realm_jax.lora import LoraAdapter, check_adapter, set_adapter_slot, stack_adapters
 from realm_jax.sampling import Sampling, SamplingParams
+from realm_jax.speculative import (
+    SpeculativeState,
+    _first_layers,
+    _layer_skip_depth,
+    check_draft,
+    speculative_step,
+)
 
 
 @dataclasses.dataclass
@@ -65,8 +72,10 @@ class Engine:
       model: a loaded `rj.Model`.
       max_batch: number of slots (rows of every decode step).
       max_seq_len: cache positions per slot; a request's prompt + max_new_tokens must fit.
-      draft: reserved for speculative decoding (not wired into the engine yet: must be None).
-      num_draft_tokens: tokens the draft proposes per step when `draft` is given.
+      draft: an `rj.Model` with the model's vocabulary: every step is then a speculative
+        step (`speculative.speculative_step`) for all slots, each row accepting its own
+        number of tokens. A `layer_skip_draft` of `model` drafts with each row's adapter too.
+      num_draft_tokens: k, the tokens the draft proposes per step when `draft` is given.
       implementation: attention implementation (see `rj.attention`).
 
     Raises:
@@ -92,14 +101,26 @@ class Engine:
                 f"length), got {max_seq_len!r}"
             )
         if draft is not None:
-            raise RealmError("Engine: speculative decoding is not wired into the engine yet")
+            check_draft(model, draft)
+            if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+                raise RealmError(
+                    f"Engine: num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}"
+                )
+            if num_draft_tokens < 1:
+                raise RealmError(
+                    f"Engine: num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}"
+                )
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.num_draft_tokens = num_draft_tokens
         self.implementation = implementation
-        stacked = not isinstance(model.params.layers, tuple)
-        self._cache = init_cache(model.config, max_batch, max_seq_len, model.dtype, stacked)
+        self.draft = draft
+        # A speculative step writes k + 1 positions past a row's length before rolling back.
+        self._capacity = max_seq_len + (num_draft_tokens + 1 if draft is not None else 0)
+        self._cache = self._new_cache(model)
+        self._draft_cache = self._new_cache(draft) if draft is not None else None
+        self._draft_depth = _layer_skip_depth(model, draft) if draft is not None else None
         self._slots: list[_Request | None] = [None] * max_batch
         self._lengths = np.zeros(max_batch, np.int64)  # host mirror of the cache's lengths
         self._next = np.zeros(max_batch, np.int32)  # each slot's newest token, not yet cached
@@ -113,6 +134,10 @@ class Engine:
         self._adapters: dict[str, tuple[int, LoraAdapter]] = {}
         self._stack = None
         self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
+
+    def _new_cache(self, model: Model):
+        stacked = not isinstance(model.params.layers, tuple)
+        return init_cache(model.config, self.max_batch, self._capacity, model.dtype, stacked)
 
     # Tenants ----------------------------------------------------------------------------
 
@@ -165,6 +190,16 @@ class Engine:
     def adapters(self) -> list[str]:
         """The registered adapter names."""
         return sorted(self._adapters)
+
+    def _lora_kwargs(self, requests: Sequence["_Request | None"]) -> tuple[dict, dict]:
+        """forward keyword arguments (target, draft) for rows holding `requests`."""
+        if self._stack is None:
+            return {}, {}
+        target = dict(lora=self._stack, adapter_ids=self._adapter_ids(requests))
+        if not self._draft_depth:  # another model drafts without the tenants' adapters
+            return target, {}
+        layers = _first_layers(self._stack.layers, self._draft_depth)
+        return target, dict(target, lora=dataclasses.replace(self._stack, layers=layers))
 
     def _adapter_ids(self, requests: Sequence["_Request | None"]) -> jnp.ndarray | None:
         if self._stack is None:
@@ -275,12 +310,70 @@ class Engine:
             config=self.model.config,
             implementation=self.implementation,
         )
+        if self.draft is not None:
+            _, draft_kwargs = self._lora_kwargs([request])
+            _, _, self._draft_cache = prefill_into_slot(
+                self.draft.params,
+                jnp.asarray(tokens),
+                jnp.asarray([prompt.size], jnp.int32),
+                self._draft_cache,
+                jnp.asarray(slot, jnp.int32),
+                SamplingParams.from_rows([request.sampling]),
+                jnp.asarray([request.seed], jnp.int32),
+                jnp.zeros((1,), jnp.int32),
+                draft_kwargs.get("lora"),
+                draft_kwargs.get("adapter_ids"),
+                config=self.draft.config,
+                implementation=self.implementation,
+            )
         self._lengths[slot] = prompt.size
         return self._accept(request, int(token[0]))
 
-    def _decode(self) -> list[TokenEvent]:
+    def _speculate(self) -> list[TokenEvent]:
         active = np.array([r is not None for r in self._slots])
-        window = decode_window(int(self._lengths[active].max()) + 1, self.max_seq_len)
+        k = self.num_draft_tokens
+        window = decode_window(int(self._lengths[active].max()) + k + 1, self._capacity)
+        sampling, seeds = self._sampling_rows()
+        target_kwargs, draft_kwargs = self._lora_kwargs(self._slots)
+        state = SpeculativeState(
+            tokens=jnp.asarray(self._next),
+            target_cache=self._cache,
+            draft_cache=self._draft_cache,
+        )
+        state, emitted, accepted = speculative_step(
+            self.model.params,
+            self.draft.params,
+            state,
+            jnp.asarray(active),
+            sampling,
+            seeds,
+            jnp.zeros((self.max_batch,), jnp.int32),
+            target_kwargs,
+            draft_kwargs,
+            target_config=self.model.config,
+            draft_config=self.draft.config,
+            num_draft_tokens=k,
+            attn_len=window,
+            implementation=self.implementation,
+        )
+        self._cache, self._draft_cache = state.target_cache, state.draft_cache
+        emitted, accepted = np.asarray(emitted), np.asarray(accepted)
+        self._lengths[active] += accepted[active] + 1
+        events = []
+        for slot, request in enumerate(list(self._slots)):
+            if request is None:
+                continue
+            for token in emitted[slot, : accepted[slot] + 1]:
+                events.append(self._accept(request, int(token)))
+                if events[-1].done:  # EOS or budget inside the block: the rest is dropped
+                    break
+        return events
+
+    def _decode(self) -> list[TokenEvent]:
+        if self.draft is not None:
+            return self._speculate()
+        active = np.array([r is not None for r in self._slots])
+        window = decode_window(int(self._lengths[active].max()) + 1, self._capacity)
         sampling, seeds = self._sampling_rows()
         tokens, _, self._cache = decode_step(
             self.model.params,

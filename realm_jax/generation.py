@@ -144,8 +144,35 @@ def stream(
     lora_strategy: str = DEFAULT_LORA_STRATEGY,
     request_id: int = 0,
     implementation: str = "auto",
+    draft: Model | None = None,
+    num_draft_tokens: int = 4,
+    stats=None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time as they are produced (see `generate`)."""
+    """Yield new token ids one at a time as they are produced (see `generate`).
+
+    With a `draft`, the tokens come from `speculative.speculative_stream` (greedy output is
+    identical to plain greedy decoding; sampled output has the same distribution); `stats`, a
+    `speculative.SpeculativeStats`, is then filled in.
+    """
+    if draft is not None:
+        from realm_jax.speculative import speculative_stream  # it imports this module
+
+        yield from speculative_stream(
+            model,
+            ids,
+            max_new_tokens,
+            sampling,
+            seed,
+            stop_at_eos,
+            draft=draft,
+            num_draft_tokens=num_draft_tokens,
+            adapter=adapter,
+            lora_strategy=lora_strategy,
+            request_id=request_id,
+            implementation=implementation,
+            stats=stats,
+        )
+        return
     prompt = validate_ids(model, ids, max_new_tokens)
     if not isinstance(sampling, Sampling):
         raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
@@ -212,6 +239,8 @@ def generate(
     stop_at_eos: bool = True,
     *,
     adapter: LoraAdapter | None = None,
+    draft: Model | None = None,
+    num_draft_tokens: int = 4,
     **kwargs,
 ) -> list[int]:
     """Generate up to `max_new_tokens` tokens after a prompt.
@@ -224,8 +253,11 @@ def generate(
       seed: the sampler's seed; token t's randomness depends only on (seed, request, t).
       stop_at_eos: stop after the tokenizer's EOS token (it is included in the output).
       adapter: an `rj.LoraAdapter` for this model (`rj.load_adapter`), or None.
+      draft: an `rj.Model` with the same vocabulary (e.g. `rj.layer_skip_draft(model, 8)`):
+        speculative decoding; None decodes one token per step.
+      num_draft_tokens: k, the tokens the draft proposes per step.
       **kwargs: `lora_strategy` ("merged" or "unmerged", see `with_adapter`), `request_id`,
-        `implementation` (see `stream`).
+        `implementation`, `stats` (see `stream`).
 
     Returns:
       The new token ids only.
@@ -235,5 +267,16 @@ def generate(
       AdapterError: an adapter that does not fit the model.
     """
     return list(
-        stream(model, ids, max_new_tokens, sampling, seed, stop_at_eos, adapter=adapter, **kwargs)
+        stream(
+            model,
+            ids,
+            max_new_tokens,
+            sampling,
+            seed,
+            stop_at_eos,
+            adapter=adapter,
+            draft=draft,
+            num_draft_tokens=num_draft_tokens,
+            **kwargs,
+        )
     )

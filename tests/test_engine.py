@@ -7,6 +7,7 @@ import pytest
 import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.lora import adapter_from_tensors
+from realm_jax.speculative import speculative_stream
 from realm_jax.testing import random_tensors, write_gguf
 
 CONTEXT = 128
@@ -220,3 +221,50 @@ def test_adapters_added_and_removed_while_running(model):
     assert engine.run()[rid] == rj.generate(model, **requests[0], adapter=c)
     with pytest.raises(rj.AdapterError, match="unknown adapter"):
         engine.remove_adapter("a")
+
+
+def test_speculative_engine_equals_plain_greedy_and_speculative_sampling_alone(model):
+    draft = rj.layer_skip_draft(model, 1)
+    requests = _requests(model, 8, seed=41, sampled=True)
+    engine = rj.Engine(model, max_batch=3, max_seq_len=64, draft=draft, num_draft_tokens=3)
+    ids = [engine.submit(**r) for r in requests]
+    results = engine.run()
+    for rid, r in zip(ids, requests, strict=True):
+        if r["sampling"].temperature == 0:  # greedy: exactly plain greedy decoding
+            expected = rj.generate(model, r["ids"], r["max_new_tokens"], seed=r["seed"])
+        else:  # sampled: the same draws as speculative decoding of the request alone
+            expected = list(speculative_stream(model, **r, draft=draft, num_draft_tokens=3))
+        assert results[rid] == expected, rid
+
+
+def test_full_composition_tenants_speculation_continuous_batching(model):
+    """A greedy request served in a continuous batch, beside other tenants' adapters, with
+    speculative decoding on, equals the same request alone with its adapter merged."""
+    tenants = {"a": _random_adapter(model, 6), "b": _random_adapter(model, 7, rank=2)}
+    draft = rj.layer_skip_draft(model, 1)
+    engine = rj.Engine(model, max_batch=3, max_seq_len=64, draft=draft, num_draft_tokens=2)
+    for name, adapter in tenants.items():
+        engine.add_adapter(name, adapter)
+    requests = _requests(model, 7, seed=51, sampled=True)
+    names = ["a", "b", None, "a", None, "b", "a"]
+    ids = [engine.submit(**r, adapter=n) for r, n in zip(requests, names, strict=True)]
+    results = engine.run()
+    target = ids[0]  # greedy, tenant "a", among sampled neighbours of other tenants
+    assert requests[0]["sampling"].temperature == 0
+    merged = rj.Model(model.config, rj.merge_adapter(model.params, tenants["a"]), model.tokenizer)
+    r = requests[0]
+    assert results[target] == rj.generate(merged, r["ids"], r["max_new_tokens"])
+    for rid, r, n in zip(ids, requests, names, strict=True):
+        if r["sampling"].temperature == 0:
+            adapter = tenants[n] if n else None
+            assert results[rid] == rj.generate(model, **r, adapter=adapter)
+
+
+def test_speculative_engine_rejects_a_draft_with_another_vocabulary(model, tmp_path):
+    config = tiny(vocab_size=290, context_length=CONTEXT)
+    path = tmp_path / "other.gguf"
+    write_gguf(path, config, random_tensors(config, seed=1), qtype="F32")
+    with pytest.raises(rj.RealmError, match="vocabulary"):
+        rj.Engine(model, max_batch=2, max_seq_len=32, draft=rj.load_model(path))
+    with pytest.raises(rj.RealmError, match="num_draft_tokens"):
+        rj.Engine(model, max_batch=2, max_seq_len=32, draft=model, num_draft_tokens=0)

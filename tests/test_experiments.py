@@ -59,3 +59,31 @@ def test_lora_strategies_tiny(tmp_path, monkeypatch):
     assert {g["strategy"] for g in result["generate"]} == {"merged", "unmerged"}
     assert all(m["pytree_bytes"] > 0 for m in result["memory"])
     assert (tmp_path / "lora_strategies.md").read_text().count("\n") >= 8
+
+
+@pytest.mark.slow
+def test_speculative_sweep_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["speculative_sweep.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "speculative_sweep.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    result = json.loads((tmp_path / "speculative_sweep.json").read_text())
+    greedy = [row for row in result["rows"] if row["mode"] == "greedy"]
+    assert greedy and all(row["matches_plain_greedy"] for row in greedy)
+    assert result["loops"]["same_tokens"]
+    assert (tmp_path / "speculative_sweep.md").read_text().count("\n") >= 5
+
+
+@pytest.mark.slow
+def test_gpu_suite_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENTS / "gpu_suite.py"), run_name="__main__")
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert result["errors"] == {}
+    assert exit_info.value.code == 0
+    parts = ("bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput")
+    assert all(part in result for part in parts)
+    assert {row["batch"] for row in result["decode"]} == {1, 8}
+    assert all(row["ms_per_step"] > 0 for row in result["decode"] + result["prefill"])
+    assert "| model | batch |" in (tmp_path / "gpu_suite.md").read_text()

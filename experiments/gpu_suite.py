@@ -1,0 +1,321 @@
+"""The GPU benchmark suite: one call measures decode, prefill, attention, LoRA, speculative
+decoding and batching, each against the card's own measured ceilings.
+
+    python experiments/gpu_suite.py --out DIR          # on the GPU machine (< 6 min on an H100)
+    python experiments/gpu_suite.py --out DIR --tiny   # the same code paths, tiny, on a CPU
+
+It first measures the device's ceilings (a large device-to-device copy: bytes/s; a large
+bfloat16 matmul: FLOP/s), then:
+- decode at batch 1/8/32/64 in bfloat16 (float32 with --tiny) for SmolLM2-135M (the real file)
+  and for TinyLlama-1.1B and Llama-2-7B shapes with random weights (timing does not need real
+  weights; the big shapes use stacked layers under `lax.scan` to keep compilation short):
+  ms per step and the share of the copy ceiling that the step's bytes (weights + the KV cache
+  window read) reach;
+- prefill tokens/s at 512 and 2048 tokens, and the share of the matmul ceiling reached;
+- the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
+  batching_throughput.py (each script's own `run`, at its GPU or tiny size).
+Every time is the median of repeated runs after a warm-up call (compilation excluded),
+waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import realm_jax as rj
+from realm_jax.batching import decode_step, prefill_step
+from realm_jax.config import ModelConfig
+from realm_jax.kv_cache import init_cache
+from realm_jax.model import LayerParams, Params, stack_layers
+from realm_jax.sampling import Sampling, SamplingParams
+
+HERE = Path(__file__).resolve().parent
+
+# Real shapes of two public llama-family models (random weights are timed in their place).
+SHAPES = {
+    "TinyLlama-1.1B": dict(
+        vocab_size=32000,
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        head_dim=64,
+        ffn_dim=5632,
+        context_length=2048,
+        tied_embeddings=False,
+    ),  # fmt: skip
+    "Llama-2-7B": dict(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        ffn_dim=11008,
+        context_length=4096,
+        tied_embeddings=False,
+    ),  # fmt: skip
+}
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of `fn()` (waited for), after one untimed call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings(tiny: bool) -> dict:
+    """The device's copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s)."""
+    n = (1 << 22) if tiny else (1 << 30)  # elements: 16 MB or 4 GB of float32
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda x: x + 1.0)
+    copy_s = median_time(lambda: copy(x), 5 if tiny else 10)
+    m = 512 if tiny else 8192
+    a = jnp.ones((m, m), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    matmul_s = median_time(lambda: matmul(a, a), 5 if tiny else 20)
+    return dict(copy_gb_s=2 * n * 4 / copy_s / 1e9, matmul_tflop_s=2 * m**3 / matmul_s / 1e12)
+
+
+def random_params(config: ModelConfig, dtype, seed: int = 0, stacked: bool = True) -> Params:
+    """Random weights of `config`'s shapes, made on the device (std 0.02; norms 1)."""
+    c = config
+    rng = jax.random.key(seed)
+    layer_shapes = dict(
+        wqkv=(c.dim, c.n_heads + 2 * c.n_kv_heads, c.head_dim),
+        wo=(c.n_heads, c.head_dim, c.dim),
+        w_gate_up=(c.dim, 2 * c.ffn_dim),
+        w_down=(c.ffn_dim, c.dim),
+    )
+
+    def normal(rng, shape):
+        return (0.02 * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
+
+    layers = []
+    for i in range(c.n_layers):
+        rngs = jax.random.split(jax.random.fold_in(rng, i), len(layer_shapes))
+        leaves = {k: normal(r, s) for r, (k, s) in zip(rngs, layer_shapes.items(), strict=True)}
+        ones = jnp.ones((c.dim,), dtype)
+        layers.append(LayerParams(attn_norm=ones, ffn_norm=ones, **leaves))
+    embed = normal(jax.random.fold_in(rng, 1 << 20), (c.vocab_size, c.dim))
+    output = normal(jax.random.fold_in(rng, (1 << 20) + 1), (c.dim, c.vocab_size))
+    params = Params(
+        embed=embed, layers=tuple(layers), final_norm=jnp.ones((c.dim,), dtype), output=output
+    )
+    return stack_layers(params) if stacked else params
+
+
+def weight_bytes(params: Params) -> int:
+    """Bytes one decode step reads: every weight except the embedding (a row gather)."""
+    leaves = jax.tree.leaves(dataclasses.replace(params, embed=jnp.zeros(())))
+    return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def decode_rows(name, params, config, batches, *, window, repeats, copy_gb_s) -> list[dict]:
+    """ms per decode step at each batch size, with a cache of `window` positions per row."""
+    rows = []
+    stacked = not isinstance(params.layers, tuple)
+    dtype = params.embed.dtype
+    for batch in batches:
+        cache = init_cache(config, batch, window, dtype, stacked=stacked)
+        cache = dataclasses.replace(cache, lengths=jnp.full((batch,), window - 1, jnp.int32))
+        sampling = SamplingParams.from_rows([Sampling()] * batch)
+        zeros = jnp.zeros((batch,), jnp.int32)
+        active = jnp.ones((batch,), bool)
+        state = {"cache": cache}
+
+        def step(state=state, sampling=sampling, zeros=zeros, active=active):
+            tokens, _, cache = decode_step(
+                params, zeros, active, state["cache"], sampling, zeros, zeros,
+                config=config, attn_len=window,
+            )  # fmt: skip
+            # roll the length back so every timed step reads the same window
+            state["cache"] = dataclasses.replace(cache, lengths=cache.lengths - active)
+            return tokens
+
+        seconds = median_time(step, repeats)
+        kv_bytes = 2 * config.n_layers * batch * config.n_kv_heads * window * config.head_dim
+        step_bytes = weight_bytes(params) + kv_bytes * dtype.itemsize
+        rows.append(
+            dict(
+                model=name,
+                batch=batch,
+                window=window,
+                ms_per_step=1e3 * seconds,
+                tok_s=batch / seconds,
+                gb_s=step_bytes / seconds / 1e9,
+                share_of_copy_ceiling=step_bytes / seconds / 1e9 / copy_gb_s,
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        del state
+    return rows
+
+
+def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> list[dict]:
+    """Tokens/s of one prompt of each length, and the matmul FLOP/s it reaches."""
+    rows = []
+    stacked = not isinstance(params.layers, tuple)
+    matrix_params = weight_bytes(params) // params.embed.dtype.itemsize
+    for t in lengths:
+        tokens = jnp.zeros((1, t), jnp.int32)
+        sampling = SamplingParams.from_rows([Sampling()])
+        zeros = jnp.zeros((1,), jnp.int32)
+        n = jnp.asarray([t], jnp.int32)
+
+        def run(tokens=tokens, sampling=sampling, zeros=zeros, n=n, t=t):
+            cache = init_cache(config, 1, t, params.embed.dtype, stacked=stacked)
+            return prefill_step(
+                params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
+            )[0]
+
+        seconds = median_time(run, repeats)
+        # 2 FLOPs per weight per token, plus causal attention (QK^T and PV: 2 * 2 * T^2 / 2
+        # per head dimension and query head)
+        flops = 2 * matrix_params * t
+        flops += 2 * t * t * config.n_heads * config.head_dim * config.n_layers
+        rows.append(
+            dict(
+                model=name,
+                tokens=t,
+                ms=1e3 * seconds,
+                tok_s=t / seconds,
+                tflop_s=flops / seconds / 1e12,
+                share_of_matmul_ceiling=flops / seconds / 1e12 / matmul_tflop_s,
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(tiny: bool) -> dict:
+    """Run every part; a part that fails is recorded with its traceback and the rest go on."""
+    result = dict(
+        device=str(jax.devices()[0]),
+        device_kind=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        platform=platform.platform(),
+        tiny=tiny,
+        errors={},
+    )
+    start = time.perf_counter()
+    result["ceilings"] = ceilings(tiny)
+    print(json.dumps(result["ceilings"]), flush=True)
+    copy_gb_s = result["ceilings"]["copy_gb_s"]
+    matmul = result["ceilings"]["matmul_tflop_s"]
+    dtype = jnp.float32 if tiny else jnp.bfloat16
+    if tiny:
+        from realm_jax.config import tiny as tiny_config
+
+        models = {"tiny (random)": (tiny_config(vocab_size=300), False)}
+        batches, window, lengths, repeats = (1, 8), 32, (32, 64), 3
+    else:
+        models = {name: (ModelConfig(**shape), True) for name, shape in SHAPES.items()}
+        batches, window, lengths, repeats = (1, 8, 32, 64), 1024, (512, 2048), 10
+    result["decode"], result["prefill"] = [], []
+    if not tiny:
+        from realm_jax.cli import default_model_path
+
+        smol = rj.load_model(default_model_path(), dtype="bfloat16")
+        models = {"SmolLM2-135M": (smol, None), **models}
+    for name, (config, stacked) in models.items():
+        try:
+            if isinstance(config, rj.Model):
+                params, config = config.params, config.config
+            else:
+                params = random_params(config, dtype, stacked=stacked)
+            result["decode"] += decode_rows(
+                name, params, config, batches, window=window, repeats=repeats, copy_gb_s=copy_gb_s
+            )
+            result["prefill"] += prefill_rows(
+                name, params, config, lengths, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
+            )
+            del params
+        except Exception:  # one model's failure (e.g. memory) must not lose the rest
+            result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
+    result["seconds"] = {"decode_prefill": time.perf_counter() - start}
+    for part in ("bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"):
+        part_start = time.perf_counter()
+        try:
+            result[part] = _experiment(part).run(tiny)
+        except Exception:
+            result["errors"][part] = traceback.format_exc()
+        result["seconds"][part] = time.perf_counter() - part_start
+    result["seconds"]["total"] = time.perf_counter() - start
+    return result
+
+
+def markdown(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [
+        f"Device: {result['device_kind']} ({result['backend']}, jax {result['jax']}); measured "
+        f"ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
+        f"TFLOP/s; suite wall time {result['seconds']['total']:.0f} s.",
+        "",
+        "| model | batch | window | ms/step | tok/s | GB/s | % of copy ceiling |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["decode"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['window']} | {r['ms_per_step']:.2f} | "
+            f"{r['tok_s']:.0f} | {r['gb_s']:.1f} | {100 * r['share_of_copy_ceiling']:.0f}% |"
+        )
+    lines += [
+        "",
+        "| model | prompt tokens | ms | tok/s | TFLOP/s | % of matmul ceiling |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["prefill"]:
+        lines.append(
+            f"| {r['model']} | {r['tokens']} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+            f"{r['tflop_s']:.2f} | {100 * r['share_of_matmul_ceiling']:.0f}% |"
+        )
+    for part in ("bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"):
+        if part in result:
+            module = _experiment(part)
+            if hasattr(module, "markdown"):
+                lines += ["", f"### {part}", "", module.markdown(result[part])]
+    for part, error in result["errors"].items():
+        lines += ["", f"**{part} failed:**", "```", error.strip().splitlines()[-1], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args.tiny)
+    (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(result)
+    (args.out / "gpu_suite.md").write_text(table)
+    print(table)
+    return 0 if not result["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

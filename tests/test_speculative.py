@@ -1,0 +1,643 @@
+"""Speculative decoding: greedy output is plain greedy's (several k and drafts, batched and
+alone, host and device loops), the sampled output has exactly the target's distribution
+(every path enumerated in float64, and a chi-square test of the jitted step with a positive
+control), edge cases (EOS inside a block, truncation, capacity), drafts and validation."""
+
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_sampling import chi2_critical, chi2_sf
+
+import realm_jax as rj
+from realm_jax import speculative
+from realm_jax.batching import prefill_step
+from realm_jax.config import tiny
+from realm_jax.errors import RealmError, RequestError
+from realm_jax.kv_cache import init_cache
+from realm_jax.lora import LoraAdapter, adapter_from_tensors
+from realm_jax.model import params_from_tensors
+from realm_jax.reference import forward_reference
+from realm_jax.sampling import Sampling, SamplingParams, sampling_probs_reference
+from realm_jax.speculative import (
+    SpeculativeState,
+    SpeculativeStats,
+    layer_skip_draft,
+    residual_probs_reference,
+    speculative_block_reference,
+    speculative_rows,
+    speculative_stream,
+)
+from realm_jax.testing import assert_close, random_tensors
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+CONTEXT = 128
+MAX_NEW = 24
+# Prompts + MAX_NEW + k stay within 64 positions, so every run shares one cache shape.
+PROMPTS = [np.random.default_rng(n).integers(3, 300, n).tolist() for n in (9, 14)]
+
+
+def _model(config, tensors, stacked=False) -> rj.Model:
+    return rj.Model(config, params_from_tensors(config, tensors, stacked=stacked), None)
+
+
+def _damped_tensors(config, seed):
+    """Random weights with blocks 1.. writing at 0.3x scale, so that layer-skip drafts agree
+    with the target's argmax often (~70%) but not always."""
+    tensors = random_tensors(config, seed=seed)
+    for i in range(1, config.n_layers):
+        for name in ("attn_output", "ffn_down"):
+            tensors[f"blk.{i}.{name}.weight"] *= 0.3
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def target() -> rj.Model:
+    config = tiny(vocab_size=300, n_layers=4, tied_embeddings=False, context_length=CONTEXT)
+    return _model(config, _damped_tensors(config, seed=11))
+
+
+@pytest.fixture(scope="module")
+def drafts(target) -> dict[str, rj.Model]:
+    """Layer-skip drafts at two depths, and a separate 2-layer model (the target's first two
+    layers plus noise, its own norms and output) with the same vocabulary."""
+    config = dataclasses.replace(target.config, n_layers=2)
+    rng = np.random.default_rng(5)
+    tensors = {
+        name: array + 0.2 * array.std() * rng.standard_normal(array.shape).astype(np.float32)
+        for name, array in _damped_tensors(target.config, seed=11).items()
+        if not name.startswith(("blk.2.", "blk.3."))
+    }
+    return {
+        "skip1": layer_skip_draft(target, 1),
+        "skip3": layer_skip_draft(target, 3),
+        "separate": _model(config, tensors),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain(target) -> list[list[int]]:
+    return [rj.generate(target, ids, MAX_NEW) for ids in PROMPTS]
+
+
+# --- greedy: identical to plain greedy ----------------------------------------------------
+
+# (draft, k): k = 1..8 spread over the three drafts (each pair is one compilation); the edge
+# cases below add the full-depth draft at k = 4.
+GREEDY_CASES = [
+    ("skip1", 1),
+    ("skip1", 4),
+    ("skip1", 8),
+    ("skip3", 2),
+    ("skip3", 5),
+    ("separate", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "k"), GREEDY_CASES, ids=[f"{n}-k{k}" for n, k in GREEDY_CASES])
+def test_greedy_equals_plain_greedy(target, drafts, plain, name, k):
+    accepted = drafted = 0
+    for ids, expected in zip(PROMPTS, plain, strict=True):
+        stats = SpeculativeStats()
+        out = list(
+            speculative_stream(
+                target, ids, MAX_NEW, draft=drafts[name], num_draft_tokens=k, stats=stats
+            )
+        )
+        assert out == expected
+        assert stats.emitted == MAX_NEW and stats.generated >= MAX_NEW - 1
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    assert 0 < accepted < drafted, "the case should see both acceptances and rejections"
+
+
+def test_batched_rows_equal_rows_alone_host_and_device(target, drafts):
+    """Three rows of different prompt lengths and budgets, greedy and sampled, in one batch:
+    greedy rows equal plain greedy, the sampled row equals itself run alone (its randomness is
+    keyed by seed, request and position, not by the batch), and the on-device loop yields the
+    same tokens as the host loop."""
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 9, 14)]
+    budgets = [28, 24, 19]
+    sampled = Sampling(temperature=0.9, top_k=40, top_p=0.95)
+    samplings = [Sampling(), sampled, Sampling()]
+    kwargs = dict(draft=drafts["skip3"], num_draft_tokens=2, request_ids=[0, 1, 2])
+
+    def collect(loop):
+        rows = [[] for _ in prompts]
+        for row, token in speculative_rows(
+            target, prompts, budgets, samplings, [0, 7, 0], loop=loop, **kwargs
+        ):
+            rows[row].append(token)
+        return rows
+
+    host = collect("host")
+    for row in (0, 2):
+        assert host[row] == rj.generate(target, prompts[row], budgets[row])
+    alone = [
+        list(
+            speculative_stream(
+                target, prompts[1], budgets[1], sampled, 7, draft=drafts["skip3"],
+                num_draft_tokens=2, request_id=1,
+            )
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    assert host[1] == alone[0] == alone[1]
+    assert host[1] != rj.generate(target, prompts[1], budgets[1])  # it did sample
+    assert collect("device") == host
+
+
+# --- edge cases -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_draft(target) -> rj.Model:
+    """The target itself as a layer-skip draft: greedy accepts every block (k = 4)."""
+    return layer_skip_draft(target, target.config.n_layers)
+
+
+def test_eos_inside_an_accepted_block_stops_there(target, full_draft, plain):
+    seq = plain[1]
+    # Blocks are [0], [1..5], [6..10], ...: pick a first occurrence strictly inside one.
+    j = next(j for j, t in enumerate(seq) if j % 5 and seq.index(t) == j)
+    eos_model = dataclasses.replace(target, tokenizer=types.SimpleNamespace(eos_id=seq[j]))
+    stats = SpeculativeStats()
+    out = list(speculative_stream(eos_model, PROMPTS[1], MAX_NEW, draft=full_draft, stats=stats))
+    assert out == seq[: j + 1] == rj.generate(eos_model, PROMPTS[1], MAX_NEW)
+    assert stats.accepted == stats.drafted  # every block accepted in full...
+    assert 1 + stats.generated > stats.emitted == j + 1  # ...and the last went on past EOS
+
+
+def test_max_new_tokens_mid_block_truncates(target, full_draft, plain):
+    stats = SpeculativeStats()
+    out = list(speculative_stream(target, PROMPTS[1], 8, draft=full_draft, stats=stats))
+    assert out == plain[1][:8]
+    assert stats.histogram == [0, 0, 0, 0, 2] and stats.generated == 10 and stats.emitted == 8
+
+
+@pytest.fixture
+def step_spy(monkeypatch) -> list[dict]:
+    """Record every `speculative_step` call: lengths before, capacity, k, the draft's params
+    and forward kwargs, and a host copy of the state after (taken before the next call
+    donates it)."""
+    calls = []
+    step = speculative.speculative_step
+
+    def spy(*args, **kwargs):
+        cache = args[2].target_cache
+        before, capacity = np.asarray(cache.lengths), cache.capacity  # read before donation
+        out = step(*args, **kwargs)
+        state = jax.tree.map(np.asarray, out[0])
+        calls.append(
+            dict(
+                before=before,
+                capacity=capacity,
+                k=kwargs["num_draft_tokens"],
+                state=state,
+                draft_params=args[1],
+                draft_kwargs=args[8],
+            )
+        )
+        return out
+
+    monkeypatch.setattr(speculative, "speculative_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["full", "skip1"])
+def test_caches_hold_exactly_the_emitted_prefix(target, full_draft, drafts, step_spy, name):
+    """After the last step both caches hold, at positions 0..n-1, the keys and values that a
+    prefill of the prompt and the tokens emitted before position n gives: roll-back left no
+    rejected token behind, and a fully accepted block's last draft token was fed to the
+    draft (the full-depth draft accepts every block; skip1 rejects often)."""
+    draft = full_draft if name == "full" else drafts["skip1"]
+    out = list(speculative_stream(target, PROMPTS[1], MAX_NEW, draft=draft, num_draft_tokens=4))
+    state = step_spy[-1]["state"]
+    n = int(state.target_cache.lengths[0])
+    assert int(state.draft_cache.lengths[0]) == n
+    sequence = PROMPTS[1] + rj.generate(target, PROMPTS[1], 32)
+    assert out == sequence[len(PROMPTS[1]) :][:MAX_NEW] and n - len(PROMPTS[1]) <= 32
+    for model, cache in ((target, state.target_cache), (draft, state.draft_cache)):
+        fresh = init_cache(model.config, 1, 64)
+        greedy, zero = SamplingParams.from_rows([Sampling()]), jnp.zeros((1,), jnp.int32)
+        tokens = jnp.asarray([sequence[:n] + [0] * (64 - n)], jnp.int32)
+        _, _, expected = prefill_step(
+            model.params, tokens, jnp.asarray([n], jnp.int32), fresh, greedy, zero, zero,
+            config=model.config, attn_len=64,
+        )  # fmt: skip
+        for layer in range(model.config.n_layers):
+            for kv in ("k", "v"):
+                assert_close(
+                    getattr(cache, kv)[layer][0, :, :n],
+                    getattr(expected, kv)[layer][0, :, :n],
+                    kind="op",
+                    what=f"{name}: {kv} of layer {layer}",
+                )
+
+
+@pytest.mark.slow
+def test_cache_never_exceeds_capacity_at_the_context_limit(target, full_draft, step_spy):
+    """prompt + max_new_tokens = the context length: every position a step writes (up to
+    n + k) and every length it leaves stay inside the cache."""
+    prompt = np.random.default_rng(3).integers(3, 300, 100).tolist()
+    out = list(speculative_stream(target, prompt, CONTEXT - 100, draft=full_draft))
+    assert out == rj.generate(target, prompt, CONTEXT - 100)
+    assert step_spy
+    for call in step_spy:
+        assert call["before"].max() + call["k"] < call["capacity"]
+        state = call["state"]
+        assert (
+            max(state.target_cache.lengths.max(), state.draft_cache.lengths.max())
+            <= call["capacity"]
+        )
+
+
+def _random_adapter(config, seed=0) -> LoraAdapter:
+    """Rank-4 LoRA on every layer's q, v and down projections, strong enough to change the
+    greedy output."""
+    rng = np.random.default_rng(seed)
+    dims = {"attn_q": (64, 64), "attn_v": (32, 64), "ffn_down": (64, 96)}  # (out, in)
+    tensors = {}
+    for layer in range(config.n_layers):
+        for kind, (out, inn) in dims.items():
+            a = rng.standard_normal((4, inn)).astype(np.float32) / np.sqrt(inn)
+            b = rng.standard_normal((out, 4)).astype(np.float32)
+            tensors[f"blk.{layer}.{kind}.weight"] = (a, b, 0.5)
+    return adapter_from_tensors(config, tensors)
+
+
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+def test_layer_skip_draft_runs_the_requests_adapter(target, drafts, plain, step_spy, strategy):
+    """With an adapter the output is the adapted target's greedy output, and the layer-skip
+    draft runs the adapter on its layers (the stack's first 3 layers, or merged weights)."""
+    adapter = _random_adapter(target.config)
+    expected = rj.generate(target, PROMPTS[0], MAX_NEW, adapter=adapter, lora_strategy=strategy)
+    assert expected != plain[0]
+    out = speculative_stream(
+        target, PROMPTS[0], MAX_NEW, draft=drafts["skip3"], num_draft_tokens=2,
+        adapter=adapter, lora_strategy=strategy,
+    )  # fmt: skip
+    assert list(out) == expected
+    draft_params, draft_kwargs = step_spy[0]["draft_params"], step_spy[0]["draft_kwargs"]
+    assert len(draft_params.layers) == 3
+    if strategy == "unmerged":
+        assert len(draft_kwargs["lora"].layers) == 3
+        assert all(a is b for a, b in zip(draft_params.layers, target.params.layers, strict=False))
+    else:
+        assert not draft_kwargs
+        assert draft_params.layers[0].wqkv is not target.params.layers[0].wqkv  # merged
+
+
+# --- drafts and validation -------------------------------------------------------------------
+
+
+def test_layer_skip_draft_shares_the_targets_arrays(target):
+    draft = layer_skip_draft(target, 3)
+    assert draft.config == dataclasses.replace(target.config, n_layers=3)
+    assert len(draft.params.layers) == 3
+    assert all(a is b for a, b in zip(draft.params.layers, target.params.layers[:3], strict=True))
+    for field in ("embed", "final_norm", "output"):
+        assert getattr(draft.params, field) is getattr(target.params, field)
+    stacked = _model(target.config, random_tensors(target.config), stacked=True)
+    leaves = jax.tree.leaves(layer_skip_draft(stacked, 2).params.layers)
+    assert all(leaf.shape[0] == 2 for leaf in leaves)
+
+
+@pytest.mark.parametrize("num_layers", [0, 5, -1, True, 1.5, "2", None])
+def test_layer_skip_draft_rejects_bad_depths(target, num_layers):
+    with pytest.raises(RealmError, match="num_layers"):
+        layer_skip_draft(target, num_layers)
+
+
+def test_bad_drafts_and_options_raise(target, drafts):
+    other = _model(tiny(vocab_size=301), random_tensors(tiny(vocab_size=301)))
+    with pytest.raises(RealmError, match="vocabulary of 301 tokens"):
+        list(speculative_stream(target, PROMPTS[0], 4, draft=other))
+    with pytest.raises(RealmError, match="rj.Model"):
+        list(speculative_stream(target, PROMPTS[0], 4, draft=target.params))
+    with pytest.raises(RealmError, match="rj.Model"):
+        layer_skip_draft(target.params, 1)
+    for k in (0, -2, True, 2.0):
+        with pytest.raises(RequestError, match="num_draft_tokens"):
+            list(
+                speculative_stream(target, PROMPTS[0], 4, draft=drafts["skip1"], num_draft_tokens=k)
+            )
+    with pytest.raises(RealmError, match="loop"):
+        list(speculative_stream(target, PROMPTS[0], 4, draft=drafts["skip1"], loop="gpu"))
+    with pytest.raises(RequestError, match="context length"):
+        list(speculative_stream(target, PROMPTS[0], CONTEXT, draft=drafts["skip1"]))
+    assert list(speculative_stream(target, PROMPTS[0], 0, draft=drafts["skip1"])) == []
+
+
+# --- sampling is lossless: exact enumeration in float64 --------------------------------------
+
+# name -> (temperature, top_k, top_p); greedy included (a one-hot p and q).
+EXACT_SETTINGS = {
+    "greedy": (0.0, 0, 1.0),
+    "t1": (1.0, 0, 1.0),
+    "t0.6_top_k3": (0.6, 3, 1.0),
+    "top_p0.7": (1.0, 0, 0.7),
+    "combined": (1.3, 4, 0.9),
+}
+EXACT_ATOL = 1e-12
+
+
+def _emitted_distribution(target_fn, draft_fn, context, k, horizon, residual):
+    """{first `horizon` emitted tokens: probability} under repeated speculative steps."""
+    memo = {}
+
+    def dist(ctx, m):
+        if m == 0:
+            return {(): 1.0}
+        if (ctx, m) not in memo:
+            out = {}
+            blocks = speculative_block_reference(target_fn, draft_fn, ctx, k, residual)
+            for block, weight in blocks.items():
+                tails = {(): 1.0} if len(block) >= m else dist(ctx + block, m - len(block))
+                for tail, w in tails.items():
+                    seq = (block + tail)[:m]
+                    out[seq] = out.get(seq, 0.0) + weight * w
+            memo[ctx, m] = out
+        return memo[ctx, m]
+
+    return dist(tuple(context), horizon)
+
+
+def _autoregressive(target_fn, context, horizon):
+    """{horizon tokens: probability} of plain sampling from the target."""
+    out = {(): 1.0}
+    for _ in range(horizon):
+        nxt = {}
+        for seq, w in out.items():
+            probs = target_fn(tuple(context) + seq)
+            for token in np.flatnonzero(probs):
+                nxt[(*seq, int(token))] = w * probs[token]
+        out = nxt
+    return out
+
+
+def _max_gap(a: dict, b: dict) -> float:
+    return max(abs(a.get(s, 0.0) - b.get(s, 0.0)) for s in set(a) | set(b))
+
+
+def _table_fns(setting):
+    """A target and a correlated draft whose next-token logits depend on the last two tokens
+    (V = 5), as float64 probability functions of the context under `setting`."""
+    v = 5
+    rng = np.random.default_rng(0)
+    target_logits = 1.5 * rng.standard_normal((v + 1, v, v))  # [prev2 or start, prev1, V]
+    draft_logits = target_logits + 0.8 * rng.standard_normal((v + 1, v, v))
+
+    def fn(table):
+        @functools.cache
+        def probs(ctx):
+            row = table[ctx[-2] if len(ctx) > 1 else v, ctx[-1]]
+            return sampling_probs_reference(row, *setting)
+
+        return probs
+
+    return fn(target_logits), fn(draft_logits)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("setting", list(EXACT_SETTINGS))
+def test_emitted_tokens_have_the_target_distribution_exactly(k, setting):
+    """Every draft / accept / reject path of repeated steps, enumerated in float64: the first
+    3 emitted tokens have the target's autoregressive distribution to 1e-12."""
+    target_fn, draft_fn = _table_fns(EXACT_SETTINGS[setting])
+    spec = _emitted_distribution(target_fn, draft_fn, (1,), k, 3, residual_probs_reference)
+    exact = _autoregressive(target_fn, (1,), 3)
+    assert abs(sum(spec.values()) - 1.0) < EXACT_ATOL
+    assert _max_gap(spec, exact) < EXACT_ATOL
+    if setting != "greedy":  # the draft differs from the target: rejections happen
+        block = speculative_block_reference(target_fn, draft_fn, (1,), k)
+        assert sum(w for b, w in block.items() if len(b) <= k) > 0.01
+
+
+def test_exact_check_detects_a_wrong_residual():
+    """Positive control: resampling a rejection from p instead of norm(max(p - q, 0)) (a
+    common bug) is off by far more than the tolerance."""
+    target_fn, draft_fn = _table_fns(EXACT_SETTINGS["t1"])
+    wrong = _emitted_distribution(target_fn, draft_fn, (1,), 2, 3, lambda p, q: p)
+    assert _max_gap(wrong, _autoregressive(target_fn, (1,), 3)) > 1e-3
+
+
+def _model_fns(config, tensors, draft_layers, setting):
+    """float64 probability functions of a real (reference) model and its layer-skip draft."""
+
+    def fn(cfg):
+        @functools.cache
+        def logits(ctx):
+            return forward_reference(cfg, tensors, list(ctx))[-1]
+
+        return lambda ctx: sampling_probs_reference(logits(ctx), *setting)
+
+    return fn(config), fn(dataclasses.replace(config, n_layers=draft_layers))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exact_on_a_tiny_model_and_its_layer_skip_draft(k):
+    """The same enumeration with the float64 forward of a 2-layer model (V = 4) and its
+    1-layer draft, under top-k + top-p + temperature."""
+    config = tiny(vocab_size=4, n_layers=2)
+    tensors = random_tensors(config, seed=2)
+    target_fn, draft_fn = _model_fns(config, tensors, 1, (1.3, 3, 0.9))
+    spec = _emitted_distribution(target_fn, draft_fn, (0, 3, 2), k, 2, residual_probs_reference)
+    assert _max_gap(spec, _autoregressive(target_fn, (0, 3, 2), 2)) < EXACT_ATOL
+
+
+# --- sampling is lossless: the jitted step, empirically -------------------------------------
+
+N = 20_000
+ALPHA = 1e-3
+V_SMALL = 6
+STEP_K = 2
+CHI2_PROMPT = (1, 4, 0, 5)
+FIRST = 3  # the emitted token at the prompt's end, fixed so every row shares its context
+# name -> (temperature, top_k, top_p)
+CHI2_SETTINGS = {"t1": (1.0, 0, 1.0), "t0.8_top_k3": (0.8, 3, 1.0), "top_p0.8": (1.0, 0, 0.8)}
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    """A 2-layer target and an unrelated 1-layer draft, V = 6 (as models and tensors)."""
+    # Untied: a random [V, D] output gives logits of order 1 (tied embeddings would make the
+    # distributions nearly one-hot and the test blind).
+    config = tiny(vocab_size=V_SMALL, n_layers=2, tied_embeddings=False)
+    draft_config = tiny(vocab_size=V_SMALL, n_layers=1, tied_embeddings=False)
+    tensors = random_tensors(config, seed=21)
+    draft_tensors = random_tensors(draft_config, seed=22)
+    return (
+        (_model(config, tensors), config, tensors),
+        (_model(draft_config, draft_tensors), draft_config, draft_tensors),
+    )
+
+
+def _exact_pairs(small_pair, setting, residual=residual_probs_reference) -> np.ndarray:
+    """[V, V] float64 distribution of the first two tokens after FIRST, via the enumeration
+    with the models' float64 forwards (`residual` as given: the right one gives the target's
+    autoregressive distribution, as the exact tests show)."""
+    (_, config, tensors), (_, draft_config, draft_tensors) = small_pair
+
+    def fn(cfg, ts):
+        @functools.cache
+        def probs(ctx):
+            return sampling_probs_reference(forward_reference(cfg, ts, list(ctx))[-1], *setting)
+
+        return probs
+
+    target_fn, draft_fn = fn(config, tensors), fn(draft_config, draft_tensors)
+    dist = _emitted_distribution(target_fn, draft_fn, (*CHI2_PROMPT, FIRST), STEP_K, 2, residual)
+    table = np.zeros((V_SMALL, V_SMALL))
+    for (a, b), w in dist.items():
+        table[a, b] = w
+    return table
+
+
+def _draw_pairs(small_pair, setting, step) -> np.ndarray:
+    """[V, V] counts of the first two tokens emitted after FIRST by N rows (seeds 0..N-1)
+    running `step` (a jitted speculative step) until each row has two."""
+    (target, _, _), (draft, _, _) = small_pair
+    t = len(CHI2_PROMPT)
+    caches = []
+    for m in (target, draft):  # prefill one row, then repeat it N times
+        cache = init_cache(m.config, 1, 16)
+        tokens = jnp.asarray([CHI2_PROMPT], jnp.int32)
+        greedy = SamplingParams.from_rows([Sampling()])
+        zero = jnp.zeros((1,), jnp.int32)
+        _, _, cache = prefill_step(
+            m.params, tokens, jnp.asarray([t], jnp.int32), cache, greedy, zero, zero,
+            config=m.config, attn_len=t,
+        )  # fmt: skip
+        caches.append(jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache))
+    state = SpeculativeState(
+        tokens=jnp.full((N,), FIRST, jnp.int32),
+        target_cache=caches[0],
+        draft_cache=caches[1],
+    )
+    sampling = SamplingParams.from_rows([Sampling(*setting)] * N)
+    seeds = jnp.arange(N, dtype=jnp.int32)
+    out = np.full((N, 2), -1)
+    count = np.zeros(N, int)
+    while (count < 2).any():
+        active = count < 2
+        state, emitted, accepted = step(
+            target.params, draft.params, state, jnp.asarray(active), sampling, seeds,
+            jnp.zeros((N,), jnp.int32), {}, {}, target_config=target.config,
+            draft_config=draft.config, num_draft_tokens=STEP_K, attn_len=16,
+            implementation="xla",
+        )  # fmt: skip
+        emitted, accepted = np.asarray(emitted), np.asarray(accepted)
+        for row in np.flatnonzero(active):
+            take = min(2 - count[row], accepted[row] + 1)
+            out[row, count[row] : count[row] + take] = emitted[row, :take]
+            count[row] += take
+    return np.bincount(out[:, 0] * V_SMALL + out[:, 1], minlength=V_SMALL**2).reshape(
+        V_SMALL, V_SMALL
+    )
+
+
+def _chi_square(counts: np.ndarray, exact: np.ndarray) -> tuple[float, int, int]:
+    """(p-value, df, draws outside the support): Pearson's test over the exact support, the
+    bins expected below 5 pooled into one."""
+    counts, exact = counts.ravel(), exact.ravel()
+    support = exact > 0
+    expected = counts.sum() * exact
+    small = support & (expected < 5)
+    obs = np.append(counts[support & ~small], counts[small].sum())
+    exp = np.append(expected[support & ~small], expected[small].sum())
+    obs, exp = (obs, exp) if exp[-1] > 0 else (obs[:-1], exp[:-1])
+    statistic = float(np.sum((obs - exp) ** 2 / exp))
+    df = len(exp) - 1
+    return chi2_sf(statistic, df), df, int(counts[~support].sum())
+
+
+def _power(exact: np.ndarray, alternative: np.ndarray, df: int) -> float:
+    """Probability that the test at ALPHA rejects when draws follow `alternative`: noncentral
+    chi-square with lambda = N sum((alt - exact)^2 / exact), simulated (100k draws)."""
+    support = exact > 0
+    lam = N * np.sum((alternative[support] - exact[support]) ** 2 / exact[support])
+    draws = np.random.default_rng(0).noncentral_chisquare(df, lam, size=100_000)
+    return float(np.mean(draws > chi2_critical(df, ALPHA)))
+
+
+@pytest.fixture(scope="module")
+def jitted_step():
+    return jax.jit(speculative._speculative_step, static_argnames=speculative.STEP_STATICS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(CHI2_SETTINGS))
+def test_jitted_step_draws_the_target_distribution(small_pair, jitted_step, setting):
+    """The first two tokens emitted by the jitted step (k = 2; N = 20000 rows, seeds 0..N-1)
+    against the target's exact two-token distribution (36 cells).
+
+    Test: Pearson chi-square at alpha = 1e-3 per setting (3e-3 over the three), df = cells
+    in the support (bins expected below 5 pooled) - 1, and no draw outside the support.
+    Power: against the planted bug of `test_jitted_step_with_a_wrong_residual_fails` (a
+    rejection resampled from p) the test rejects with probability >= 0.99 in each setting,
+    computed here from the exact wrong distribution (noncentral chi-square); in general any
+    alternative with lambda = N sum((q - p)^2 / p) >= 4 N TV^2 above ~70 (df <= 35), i.e.
+    total variation >= ~0.03, is detected with >= 99% probability.
+    """
+    exact = _exact_pairs(small_pair, CHI2_SETTINGS[setting])
+    assert abs(exact.sum() - 1) < EXACT_ATOL
+    counts = _draw_pairs(small_pair, CHI2_SETTINGS[setting], jitted_step)
+    p_value, df, outside = _chi_square(counts, exact)
+    assert outside == 0
+    assert p_value > ALPHA, f"{setting}: chi-square p = {p_value:.2e} (df {df})"
+    wrong = _exact_pairs(small_pair, CHI2_SETTINGS[setting], lambda p, q: p)
+    assert _power(exact, wrong, df) >= 0.99
+
+
+@pytest.mark.slow
+def test_jitted_step_with_a_wrong_residual_fails(small_pair, monkeypatch):
+    """Positive control: the same test on a step whose rejections resample from p rejects."""
+    monkeypatch.setattr(speculative, "residual_probs", lambda target, draft: target)
+
+    def fresh(*args, **kwargs):  # a new function: jit's trace cache is keyed by the function
+        return speculative._speculative_step(*args, **kwargs)
+
+    wrong_step = jax.jit(fresh, static_argnames=speculative.STEP_STATICS)
+    setting = CHI2_SETTINGS["t1"]
+    counts = _draw_pairs(small_pair, setting, wrong_step)
+    p_value, _, _ = _chi_square(counts, _exact_pairs(small_pair, setting))
+    assert p_value < ALPHA
+
+
+# --- the real model ------------------------------------------------------------------------
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("depth", "k"), [(26, 2), (12, 8)])
+def test_real_model_greedy_equals_golden(smollm2, golden, depth, k):
+    """SmolLM2 with its first `depth` layers as the draft: the golden greedy continuations
+    (HF's, which plain `rj.generate` reproduces), token for token."""
+    draft = layer_skip_draft(smollm2, depth)
+    for name in ("capital", "once"):  # one prompt bucket and cache shape: one compilation
+        ids = golden[f"ids_{name}"].tolist()
+        out = speculative_stream(
+            smollm2, ids, 32, stop_at_eos=False, draft=draft, num_draft_tokens=k
+        )
+        assert list(out) == golden[f"gen_{name}"].tolist(), name
+
+
+@pytest.mark.model
+def test_real_model_batched_equals_golden(smollm2, golden):
+    """Four prompts of 4 to 46 tokens in one batch (draft: 26 layers, k = 3)."""
+    names = ["capital", "once", "code", "chat"]
+    prompts = [golden[f"ids_{name}"].tolist() for name in names]
+    rows = [[] for _ in names]
+    for row, token in speculative_rows(
+        smollm2, prompts, [32] * 4, [Sampling()] * 4, [0] * 4, False,
+        draft=layer_skip_draft(smollm2, 26), num_draft_tokens=3,
+    ):  # fmt: skip
+        rows[row].append(token)
+    for name, out in zip(names, rows, strict=True):
+        assert out == golden[f"gen_{name}"].tolist(), name
