@@ -8,6 +8,10 @@ at a time, for the real model on this machine?
     python experiments/batching_throughput.py          # real model -> results/batching_throughput.*
     python experiments/batching_throughput.py --tiny   # seconds-long smoke run, random model
 
+Variants of the continuous policy: mixed tenants (every request names one of four random
+rank-8 adapters on all projections, served side by side by the multi-adapter path) and
+speculative decoding (a layer-skip draft of the model's first layers, k = 4).
+
 Workload: N requests, all arriving at t = 0, prompt and output lengths lognormal (clipped), a
 fixed seed. All three policies run through `rj.Engine` (one-at-a-time is `max_batch=1`), so
 they share every jitted step. Each policy runs once untimed to compile its shapes, then timed.
@@ -16,6 +20,7 @@ its end, on the host clock after each step's tokens reach the host.
 """
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -46,10 +51,28 @@ def workload(model, count, prompt_median, output_median, max_len, seed=0):
     ]
 
 
-def serve(model, requests, *, policy, max_batch, max_seq_len):
-    """Run the workload under one policy; return per-request times and the total."""
+def random_adapters(model, count: int, rank: int = 8) -> dict:
+    """`count` random adapters on every projection (lora_strategies.random_adapter)."""
+    path = Path(__file__).resolve().parent / "lora_strategies.py"
+    spec = importlib.util.spec_from_file_location("lora_strategies", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {f"tenant-{i}": module.random_adapter(model, rank, seed=i) for i in range(count)}
+
+
+def serve(model, requests, *, policy, max_batch, max_seq_len, tenants=None, draft=None, variant=""):
+    """Run the workload under one policy; return per-request times and the total.
+
+    tenants: {name: adapter}; request i then uses tenant i % len(tenants).
+    draft: a draft model for speculative decoding (k = 4).
+    """
     batch = 1 if policy == "one at a time" else max_batch
-    engine = rj.Engine(model, max_batch=batch, max_seq_len=max_seq_len)
+    engine = rj.Engine(model, max_batch=batch, max_seq_len=max_seq_len, draft=draft)
+    names = sorted(tenants or {})
+    for name in names:
+        engine.add_adapter(name, tenants[name])
+    if names:
+        requests = [dict(r, adapter=names[i % len(names)]) for i, r in enumerate(requests)]
     groups = (
         [requests]
         if policy == "continuous"
@@ -74,7 +97,7 @@ def serve(model, requests, *, policy, max_batch, max_seq_len):
     ttft = np.array([first[i] for i in range(len(requests))])
     latency = np.array([end[i] for i in range(len(requests))])
     return dict(
-        policy=policy,
+        policy=policy + variant,
         max_batch=batch,
         requests=len(requests),
         new_tokens=tokens,
@@ -96,21 +119,39 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
         config = tiny_config(vocab_size=300)
         path = Path(tempfile.mkdtemp()) / "tiny.gguf"
         write_gguf(path, config, random_tensors(config))
-        plan = dict(count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64)
+        plan = dict(
+            count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64, draft_layers=1
+        )
     else:
         from realm_jax.cli import default_model_path
 
         path = Path(model_path) if model_path else default_model_path()
-        plan = dict(count=24, prompt_median=48, output_median=24, max_batch=8, max_seq_len=256)
+        plan = dict(
+            count=16,
+            prompt_median=32,
+            output_median=24,
+            max_batch=8,
+            max_seq_len=256,
+            draft_layers=8,
+        )
     model = rj.load_model(path)
     requests = workload(
         model, plan["count"], plan["prompt_median"], plan["output_median"], plan["max_seq_len"]
     )
     rows = []
-    for policy in ("continuous", "static", "one at a time"):
-        kwargs = dict(policy=policy, max_batch=plan["max_batch"], max_seq_len=plan["max_seq_len"])
-        serve(model, requests, **kwargs)  # compile every shape this policy meets
-        row = serve(model, requests, **kwargs)
+    sizes = dict(max_batch=plan["max_batch"], max_seq_len=plan["max_seq_len"])
+    runs = [dict(policy=p) for p in ("continuous", "static", "one at a time")]
+    runs += [
+        dict(policy="continuous", tenants=random_adapters(model, 4), variant=", 4 tenants"),
+        dict(
+            policy="continuous",
+            draft=rj.layer_skip_draft(model, plan["draft_layers"]),
+            variant=f", speculative (layer-skip {plan['draft_layers']}, k=4)",
+        ),
+    ]
+    for kwargs in runs:
+        serve(model, requests, **kwargs, **sizes)  # compile every shape this policy meets
+        row = serve(model, requests, **kwargs, **sizes)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return dict(

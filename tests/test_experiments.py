@@ -29,7 +29,11 @@ def test_batching_throughput_tiny(tmp_path, monkeypatch):
         runpy.run_path(str(EXPERIMENTS / "batching_throughput.py"), run_name="__main__")
     assert exit_info.value.code == 0
     result = json.loads((tmp_path / "batching_throughput.json").read_text())
-    assert [row["policy"] for row in result["rows"]] == ["continuous", "static", "one at a time"]
+    assert [row["policy"] for row in result["rows"]][:3] == [
+        "continuous",
+        "static",
+        "one at a time",
+    ]
     assert len({row["new_tokens"] for row in result["rows"]}) == 1  # same work for each policy
 
 
