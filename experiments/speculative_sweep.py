@@ -42,7 +42,8 @@ import realm_jax as rj
 from realm_jax.batching import bucket, decode_window, prefill_step
 from realm_jax.kv_cache import init_cache
 from realm_jax.sampling import Sampling, SamplingParams
-from realm_jax.speculative import SpeculativeStats, layer_skip_draft, speculative_stream
+from realm_jax.speculative import layer_skip_draft
+from realm_jax.speculative_generation import SpeculativeStats, speculative_stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."

@@ -150,12 +150,12 @@ def stream(
 ) -> Iterator[int]:
     """Yield new token ids one at a time as they are produced (see `generate`).
 
-    With a `draft`, the tokens come from `speculative.speculative_stream` (greedy output is
-    identical to plain greedy decoding; sampled output has the same distribution); `stats`, a
-    `speculative.SpeculativeStats`, is then filled in.
+    With a `draft`, the tokens come from `speculative_generation.speculative_stream` (greedy
+    output is identical to plain greedy decoding; sampled output has the same distribution);
+    `stats`, a `speculative_generation.SpeculativeStats`, is then filled in.
     """
     if draft is not None:
-        from realm_jax.speculative import speculative_stream  # it imports this module
+        from realm_jax.speculative_generation import speculative_stream  # imports this module
 
         yield from speculative_stream(
             model,

@@ -7,7 +7,7 @@ import pytest
 import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.lora import adapter_from_tensors
-from realm_jax.speculative import speculative_stream
+from realm_jax.speculative_generation import speculative_stream
 from realm_jax.testing import random_tensors, write_gguf
 
 CONTEXT = 128
