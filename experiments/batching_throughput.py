@@ -193,6 +193,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> bool:
+    """Bars of tok/s and latency p50 / p99 per policy; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    labels = [r["policy"].replace(", ", ",\n") for r in rows]
+    x = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.bar(x, [r["tok_s"] for r in rows], color="tab:blue")
+    left.set_ylabel("new tokens / s")
+    left.set_title("throughput")
+    right.bar(x - 0.2, [r["latency_p50_s"] for r in rows], 0.4, label="p50")
+    right.bar(x + 0.2, [r["latency_p99_s"] for r in rows], 0.4, label="p99")
+    right.set_ylabel("request latency, s (all arrive at t = 0)")
+    right.set_title("latency")
+    right.legend()
+    for axis in (left, right):
+        axis.set_xticks(x, labels, fontsize=7)
+    fig.suptitle(f"{result['model']}, {result['machine']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smoke run on a random tiny model")
@@ -205,6 +235,7 @@ def main(argv=None) -> int:
     (out / "batching_throughput.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "batching_throughput.md").write_text(table)
+    plot(result, out / "batching_throughput.png")
     print(table)
     return 0
 
