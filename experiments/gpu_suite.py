@@ -145,7 +145,9 @@ def decode_rows(name, params, config, batches, *, window, repeats, copy_gb_s) ->
                 config=config, attn_len=window,
             )  # fmt: skip
             # roll the length back so every timed step reads the same window
-            state["cache"] = dataclasses.replace(cache, lengths=cache.lengths - active)
+            state["cache"] = dataclasses.replace(
+                cache, lengths=cache.lengths - active.astype(jnp.int32)
+            )
             return tokens
 
         seconds = median_time(step, repeats)
