@@ -127,9 +127,9 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
 
         path = Path(model_path) if model_path else default_model_path()
         plan = dict(
-            count=16,
+            count=12,
             prompt_median=32,
-            output_median=24,
+            output_median=16,
             max_batch=8,
             max_seq_len=256,
             draft_layers=8,
