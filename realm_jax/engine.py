@@ -20,7 +20,7 @@ import numpy as np
 
 from realm_jax.batching import bucket, decode_step, decode_window, prefill_into_slot
 from realm_jax.errors import AdapterError, RealmError, RequestError
-from realm_jax.generation import GREEDY, validate_ids
+from realm_jax.generation import GREEDY, validate_ids, validate_sampling
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
 from realm_jax.lora import LoraAdapter, check_adapter, set_adapter_slot, stack_adapters
@@ -231,10 +231,7 @@ class Engine:
                 f"prompt ({prompt.size} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"the engine's max_seq_len {self.max_seq_len}"
             )
-        if not isinstance(sampling, Sampling):
-            raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-            raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+        validate_sampling(sampling, seed)
         if adapter is not None and adapter not in self._adapters:
             raise RequestError(f"unknown adapter {adapter!r}; registered: {sorted(self._adapters)}")
         request = _Request(

@@ -91,6 +91,18 @@ def with_adapter(
     return model.params, stack_adapters([adapter]), jnp.zeros((1,), jnp.int32)
 
 
+def validate_sampling(sampling: Sampling, seed: int) -> None:
+    """Check a request's sampling object and seed (`Sampling` validates its own values).
+
+    Raises:
+      RequestError: `sampling` is not an `rj.Sampling`, or `seed` is not in 0..2**31-1.
+    """
+    if not isinstance(sampling, Sampling):
+        raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+        raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+
+
 def logits(
     model: Model,
     ids: Sequence[int],
@@ -174,10 +186,7 @@ def stream(
         )
         return
     prompt = validate_ids(model, ids, max_new_tokens)
-    if not isinstance(sampling, Sampling):
-        raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-        raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+    validate_sampling(sampling, seed)
     params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
     if max_new_tokens == 0:
         return

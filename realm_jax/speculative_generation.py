@@ -169,12 +169,8 @@ def _validate_rows(
     arrays = [
         generation.validate_ids(model, p, n) for p, n in zip(prompts, max_new_tokens, strict=True)
     ]
-    for sampling in samplings:
-        if not isinstance(sampling, Sampling):
-            raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
-    for seed in seeds:
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-            raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+    for sampling, seed in zip(samplings, seeds, strict=False):
+        generation.validate_sampling(sampling, seed)
     eos = model.tokenizer.eos_id if (stop_at_eos and model.tokenizer is not None) else None
     return _Rows(
         prompts=arrays,
