@@ -159,7 +159,7 @@ def time_generate(model, adapters, plan) -> list[dict]:
     ]
 
 
-def _load(tiny: bool, model_path: str | None):
+def _load(tiny: bool, model_path: str | None, dtype: str):
     if tiny:
         from realm_jax.config import tiny as tiny_config
         from realm_jax.testing import random_tensors, write_gguf
@@ -167,17 +167,32 @@ def _load(tiny: bool, model_path: str | None):
         config = tiny_config(vocab_size=300)
         path = Path(tempfile.mkdtemp()) / "tiny.gguf"
         write_gguf(path, config, random_tensors(config))
-        return rj.load_model(path)
+        return rj.load_model(path, dtype=dtype)
     from realm_jax.cli import default_model_path
 
-    return rj.load_model(model_path or default_model_path())
+    return rj.load_model(model_path or default_model_path(), dtype=dtype)
 
 
-def run(tiny: bool, model_path: str | None = None, log=print) -> dict:
-    """Measure every strategy; returns the result dict that `main` writes as JSON."""
-    plan = TINY_PLAN if tiny else FULL_PLAN
+def run(
+    tiny: bool,
+    model_path: str | None = None,
+    log=print,
+    *,
+    plan: dict | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Measure every strategy; returns the result dict that `main` writes as JSON.
+
+    Args:
+      tiny: a random tiny model and TINY_PLAN (seconds).
+      model_path: a GGUF file instead of the default model.
+      log: where progress lines go.
+      plan: overrides of the plan's keys (batch, ranks, distinct, prompt_len, ...).
+      dtype: the weights' dtype.
+    """
+    plan = {**(TINY_PLAN if tiny else FULL_PLAN), **(plan or {})}
     start = time.perf_counter()
-    model = _load(tiny, model_path)
+    model = _load(tiny, model_path, dtype)
     load_s = time.perf_counter() - start
     config, batch = model.config, plan["batch"]
     middle = plan["ranks"][len(plan["ranks"]) // 2]  # the rank of the merged and distinct runs

@@ -27,9 +27,8 @@ from realm_jax.lora import LoraAdapter, check_adapter, set_adapter_slot, stack_a
 from realm_jax.sampling import Sampling, SamplingParams
 from realm_jax.speculative import (
     SpeculativeState,
-    _first_layers,
-    _layer_skip_depth,
     check_draft,
+    draft_lora,
     speculative_step,
 )
 
@@ -120,7 +119,6 @@ class Engine:
         self._capacity = max_seq_len + (num_draft_tokens + 1 if draft is not None else 0)
         self._cache = self._new_cache(model)
         self._draft_cache = self._new_cache(draft) if draft is not None else None
-        self._draft_depth = _layer_skip_depth(model, draft) if draft is not None else None
         self._slots: list[_Request | None] = [None] * max_batch
         self._lengths = np.zeros(max_batch, np.int64)  # host mirror of the cache's lengths
         self._next = np.zeros(max_batch, np.int32)  # each slot's newest token, not yet cached
@@ -196,10 +194,8 @@ class Engine:
         if self._stack is None:
             return {}, {}
         target = dict(lora=self._stack, adapter_ids=self._adapter_ids(requests))
-        if not self._draft_depth:  # another model drafts without the tenants' adapters
-            return target, {}
-        layers = _first_layers(self._stack.layers, self._draft_depth)
-        return target, dict(target, lora=dataclasses.replace(self._stack, layers=layers))
+        lora = draft_lora(self.model, self.draft, self._stack) if self.draft is not None else None
+        return target, {} if lora is None else dict(target, lora=lora)
 
     def _adapter_ids(self, requests: Sequence["_Request | None"]) -> jnp.ndarray | None:
         if self._stack is None:

@@ -40,6 +40,7 @@ from realm_jax.config import ModelConfig
 from realm_jax.errors import RealmError
 from realm_jax.kv_cache import KVCache
 from realm_jax.loading import Model
+from realm_jax.lora import LoraStack
 from realm_jax.model import Params, forward, lm_head
 from realm_jax.sampling import SamplingParams, sampling_probs, token_rngs
 
@@ -107,7 +108,7 @@ def check_draft(model: Model, draft: Model) -> None:
         )
 
 
-def _layer_skip_depth(model: Model, draft: Model) -> int | None:
+def layer_skip_depth(model: Model, draft: Model) -> int | None:
     """n when `draft` is `layer_skip_draft(model, n)` (same embedding, norm and output arrays,
     and for tuple layers the same first n layer objects), else None."""
     n = draft.config.n_layers
@@ -121,6 +122,17 @@ def _layer_skip_depth(model: Model, draft: Model) -> int | None:
     if isinstance(layers, tuple) and not all(a is b for a, b in zip(layers, own, strict=False)):
         return None
     return n
+
+
+def draft_lora(model: Model, draft: Model, lora: LoraStack | None) -> LoraStack | None:
+    """The LoRA stack `draft` runs for rows that run `lora` on `model`: a layer-skip draft of
+    `model` runs the stack's first n layers (so that it drafts like the adapted target, with
+    the same adapter ids); any other draft, or no stack, runs none (None). The output is the
+    adapted target's either way: the draft only changes the speed."""
+    depth = layer_skip_depth(model, draft)
+    if lora is None or not depth:
+        return None
+    return dataclasses.replace(lora, layers=_first_layers(lora.layers, depth))
 
 
 # --- the step -----------------------------------------------------------------------------

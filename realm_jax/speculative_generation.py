@@ -360,14 +360,14 @@ def with_adapter(
     params, lora, adapter_ids = generation.with_adapter(model, adapter, strategy)
     if adapter is None:
         return model, draft, {}, {}
-    depth = speculative._layer_skip_depth(model, draft)
     target = dataclasses.replace(model, params=params)
     if lora is None:  # merged: a layer-skip draft of the merged weights
+        depth = speculative.layer_skip_depth(model, draft)
         return target, layer_skip_draft(target, depth) if depth else draft, {}, {}
     target_kwargs = dict(lora=lora, adapter_ids=adapter_ids)
-    if not depth:
+    draft_lora = speculative.draft_lora(model, draft, lora)
+    if draft_lora is None:
         return target, draft, target_kwargs, {}
-    draft_lora = dataclasses.replace(lora, layers=speculative._first_layers(lora.layers, depth))
     return target, draft, target_kwargs, dict(lora=draft_lora, adapter_ids=adapter_ids)
 
 

@@ -4,6 +4,8 @@
 their `run(tiny=True)`, so their results are checked there rather than run twice.
 """
 
+import importlib.util
+import inspect
 import json
 import runpy
 import sys
@@ -62,3 +64,31 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     assert len({row["new_tokens"] for row in batching["rows"]}) == 1  # same work for each
     for part in ("bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"):
         assert f"### {part}" in table
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_sizes_fit_each_experiment():
+    """The suite's full-size arguments (only run on a GPU) bind to each experiment's `run`, and
+    their plan keys are keys the experiment's own plans have: a typo here would only show on
+    the GPU machine, in its short lease."""
+    suite = _module("gpu_suite")
+    own_plans = {
+        "lora_strategies": lambda m: m.FULL_PLAN,
+        "speculative_sweep": lambda m: m.PLANS["gpu"],
+    }
+    assert set(suite.PARTS) == {
+        "bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"
+    }  # fmt: skip
+    for part, kwargs in suite.PARTS.items():
+        module = _module(part)
+        inspect.signature(module.run).bind(False, **kwargs)
+        if "plan" in kwargs:
+            assert set(kwargs["plan"]) <= set(own_plans[part](module)), part
+    lora_plan = suite.PARTS["lora_strategies"]["plan"]
+    assert lora_plan["batch"] == 32 and set(lora_plan["distinct"]) == {1, 8, 32}
