@@ -110,8 +110,35 @@ def serve(model, requests, *, policy, max_batch, max_seq_len, tenants=None, draf
     )
 
 
-def run(tiny: bool, model_path: str | None = None) -> dict:
-    """Measure the three policies; return the result dict (see the module docstring)."""
+PLANS = {
+    "tiny": dict(
+        count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64, draft_layers=1
+    ),
+    "full": dict(
+        count=12, prompt_median=32, output_median=16, max_batch=8, max_seq_len=256, draft_layers=8
+    ),
+}
+RUNS = ("continuous", "static", "one at a time", "tenants", "speculative")
+
+
+def run(
+    tiny: bool,
+    model_path: str | None = None,
+    *,
+    plan: dict | None = None,
+    runs: tuple[str, ...] = RUNS,
+    dtype: str = "float32",
+) -> dict:
+    """Serve the workload under each of `runs`; returns the result dict `main` writes.
+
+    Args:
+      tiny: a random tiny model and the "tiny" plan (seconds).
+      model_path: a GGUF file instead of the default model.
+      plan: overrides of the plan's keys (count, prompt_median, output_median, ...).
+      runs: which of RUNS to serve ("tenants" and "speculative" are continuous variants).
+      dtype: the weights' dtype.
+    """
+    plan = {**PLANS["tiny" if tiny else "full"], **(plan or {})}
     if tiny:
         from realm_jax.config import tiny as tiny_config
         from realm_jax.testing import random_tensors, write_gguf
@@ -119,37 +146,30 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
         config = tiny_config(vocab_size=300)
         path = Path(tempfile.mkdtemp()) / "tiny.gguf"
         write_gguf(path, config, random_tensors(config))
-        plan = dict(
-            count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64, draft_layers=1
-        )
     else:
         from realm_jax.cli import default_model_path
 
         path = Path(model_path) if model_path else default_model_path()
-        plan = dict(
-            count=12,
-            prompt_median=32,
-            output_median=16,
-            max_batch=8,
-            max_seq_len=256,
-            draft_layers=8,
-        )
-    model = rj.load_model(path)
+    model = rj.load_model(path, dtype=dtype)
     requests = workload(
         model, plan["count"], plan["prompt_median"], plan["output_median"], plan["max_seq_len"]
     )
     rows = []
     sizes = dict(max_batch=plan["max_batch"], max_seq_len=plan["max_seq_len"])
-    runs = [dict(policy=p) for p in ("continuous", "static", "one at a time")]
-    runs += [
-        dict(policy="continuous", tenants=random_adapters(model, 4), variant=", 4 tenants"),
-        dict(
+    kinds = {  # built on demand: adapters and drafts only for the runs that use them
+        "continuous": lambda: dict(policy="continuous"),
+        "static": lambda: dict(policy="static"),
+        "one at a time": lambda: dict(policy="one at a time"),
+        "tenants": lambda: dict(
+            policy="continuous", tenants=random_adapters(model, 4), variant=", 4 tenants"
+        ),
+        "speculative": lambda: dict(
             policy="continuous",
             draft=rj.layer_skip_draft(model, plan["draft_layers"]),
             variant=f", speculative (layer-skip {plan['draft_layers']}, k=4)",
         ),
-    ]
-    for kwargs in runs:
+    }
+    for kwargs in (kinds[name]() for name in runs):
         serve(model, requests, **kwargs, **sizes)  # compile every shape this policy meets
         row = serve(model, requests, **kwargs, **sizes)
         rows.append(row)

@@ -206,9 +206,10 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
     return rows
 
 
-# Each experiment at the suite's size: the LoRA grid (batch 32 with 1 / 8 / 32 distinct
-# adapters, rank 16), two layer-skip depths and k = 2, 4 of the speculative sweep, and an
-# attention sweep cut off after ATTENTION_BUDGET_S (its remaining shapes are marked skipped).
+# Each experiment at the suite's size, in bfloat16: the LoRA grid (batch 32 with 1 / 8 /
+# 32 distinct adapters, rank 16), two layer-skip depths and k = 2, 4 of the speculative sweep,
+# continuous vs static batching, and an attention sweep cut off after ATTENTION_BUDGET_S (its
+# remaining shapes are marked skipped).
 # The full grids stay in the scripts themselves. With --tiny every script uses its tiny plan.
 ATTENTION_BUDGET_S = 90.0
 PARTS = {
@@ -220,7 +221,7 @@ PARTS = {
     "speculative_sweep": dict(
         plan=dict(depths=(20, 28), ks=(2, 4), tokens=64, loop_check=(20, 4)), dtype="bfloat16"
     ),
-    "batching_throughput": {},
+    "batching_throughput": dict(runs=("continuous", "static"), dtype="bfloat16"),
 }
 # A part starts only while the suite has run less than this (seconds), so that one slow part
 # cannot push the whole call past its lease; the parts not started are listed as skipped.

@@ -123,22 +123,77 @@ def token_rngs(seed: jax.Array, request_id: jax.Array, position: jax.Array) -> j
     return jax.vmap(one)(seed, request_id, position)
 
 
+_SIGN = np.uint32(0x80000000)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (-inf < ... < 0 < ... < +inf); -0 maps to +0."""
+    bits = jax.lax.bitcast_convert_type(x + 0.0, jnp.uint32)
+    return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    """The inverse of `_order_keys`."""
+    bits = jnp.where(key >= _SIGN, key ^ _SIGN, ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bisect(pred, lo: jax.Array, hi: jax.Array, *, largest: bool) -> jax.Array:
+    """Per row, the largest (or smallest) uint32 key in [lo, hi] where `pred` ([B] keys ->
+    [B] bool, monotone in the key) holds; it must hold at lo (largest) or at hi (smallest).
+    32 halvings cover any uint32 range, so the result is exact."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        if largest:
+            mid = lo + (gap >> 1) + (gap & 1)  # upper middle: lo < mid unless lo == hi
+            ok = pred(mid)
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+        mid = lo + (gap >> 1)  # lower middle: mid < hi unless lo == hi
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return lo if largest else hi
+
+
 def _top_k_top_p_threshold(scaled: jax.Array, params: SamplingParams) -> jax.Array:
-    """Each row's smallest kept scaled logit after top-k then top-p ([B, V] -> [B])."""
+    """Each row's smallest kept scaled logit after top-k then top-p ([B, V] -> [B]).
+
+    Both cut-offs are element values found by bisection on the values' order keys, which
+    costs 32 compare-and-sum passes over [B, V] per rule instead of a [B, V] sort (a sort of
+    49,152 logits takes ~15 ms on a 2-core CPU, the passes ~1 ms each rule):
+      - the k-th largest value is the largest t with count(s >= t) >= k;
+      - the top-p cut-off is the smallest t with mass(s > t) < p, the mass taken on the
+        softmax of the top-k survivors. mass(s > t) only changes at element values, so that
+        t is the smallest kept value, and every token tied with it is kept, as in step 3.
+    """
     v = scaled.shape[-1]
+    keys = _order_keys(scaled)  # [B, V]
+    lowest, highest = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)  # [B]
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, v), v)  # [B]
-    # A values-only sort: ties need no tie-break because both rules keep every tied token.
-    desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # [B, V] largest first
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)[:, 0]  # [B]
-    desc = jnp.where(desc >= kth[:, None], desc, -jnp.inf)  # top-k survivors, still sorted
-    probs = jax.nn.softmax(desc, axis=-1)  # [B, V]
-    # Exclusive cumsum: at the first member of a tied run it is the mass strictly above it.
-    above = jnp.pad(jnp.cumsum(probs[:, :-1], axis=-1), ((0, 0), (1, 0)))  # [B, V]
-    # top_p == 1 must be off exactly: float32 cumsums can reach 1 before the tail's last tokens.
-    inside = (above < params.top_p[:, None]) | (params.top_p[:, None] >= 1.0)  # [B, V]
-    count = jnp.sum(inside, axis=-1, dtype=jnp.int32)  # >= 1: the top token has 0 above
-    cutoff = jnp.take_along_axis(desc, (count - 1)[:, None], axis=-1)[:, 0]  # [B]
-    return jnp.maximum(kth, cutoff)
+
+    def at_least_k(t):
+        return jnp.sum(keys >= t[:, None], axis=-1, dtype=jnp.int32) >= k
+
+    kth = jax.lax.cond(
+        jnp.any(k < v),
+        lambda: _bisect(at_least_k, lowest, highest, largest=True),
+        lambda: lowest,
+    )  # [B]
+    probs = jax.nn.softmax(jnp.where(keys >= kth[:, None], scaled, -jnp.inf), axis=-1)
+
+    def below_p(t):
+        return jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=-1) < params.top_p
+
+    # top_p == 1 must be off exactly: float32 sums can reach 1 before the tail's last tokens.
+    cutoff = jax.lax.cond(
+        jnp.any(params.top_p < 1.0),
+        lambda: jnp.where(params.top_p < 1.0, _bisect(below_p, kth, highest, largest=False), kth),
+        lambda: kth,
+    )  # [B]; >= kth, since mass(s > t) = 1 >= p for every t below kth
+    return _from_order_key(cutoff)
 
 
 def _filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:

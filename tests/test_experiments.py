@@ -90,5 +90,7 @@ def test_gpu_suite_sizes_fit_each_experiment():
         inspect.signature(module.run).bind(False, **kwargs)
         if "plan" in kwargs:
             assert set(kwargs["plan"]) <= set(own_plans[part](module)), part
+        if "runs" in kwargs:
+            assert set(kwargs["runs"]) <= set(module.RUNS), part
     lora_plan = suite.PARTS["lora_strategies"]["plan"]
     assert lora_plan["batch"] == 32 and set(lora_plan["distinct"]) == {1, 8, 32}
