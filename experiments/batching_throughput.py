@@ -112,7 +112,7 @@ def serve(model, requests, *, policy, max_batch, max_seq_len, tenants=None, draf
 
 PLANS = {
     "tiny": dict(
-        count=8, prompt_median=8, output_median=6, max_batch=4, max_seq_len=64, draft_layers=1
+        count=8, prompt_median=5, output_median=6, max_batch=4, max_seq_len=64, draft_layers=1
     ),
     "full": dict(
         count=12, prompt_median=32, output_median=16, max_batch=8, max_seq_len=256, draft_layers=8
