@@ -154,6 +154,29 @@ def test_sampling_probs_matches_float64_reference(v, kind):
     assert_close(probs.sum(axis=-1), np.ones(b), kind="op", what="row sums")
 
 
+def test_cut_offs_at_a_larger_vocabulary_and_signed_zeros():
+    """The bisection on order keys at V = 4096 (top-k, top-p and both), on logits with wide
+    ranges, runs of ties, a -0.0 / +0.0 pair at the top and subnormal gaps: same support as
+    the float64 definition, values within float32 tolerance."""
+    v = 4096
+    rng = np.random.default_rng(7)
+    logits = np.stack(
+        [
+            8.0 * rng.standard_normal(v),  # wide range
+            np.round(2.0 * rng.standard_normal(v)),  # long runs of ties at every cut
+            np.concatenate([[0.0, -0.0], -np.abs(rng.standard_normal(v - 2))]),  # signed zeros
+            np.concatenate([[1.0], 1.0 - 1e-40 * np.arange(1, v)]),  # subnormal-sized gaps
+        ]
+    ).astype(np.float32)
+    settings = [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 1000, 0.95), (1.0, v - 1, 0.5)]
+    rows = np.repeat(logits, len(settings), axis=0)
+    temps, top_ks, top_ps = (np.tile([s[i] for s in settings], len(logits)) for i in range(3))
+    probs = np.asarray(probs_jit(jnp.asarray(rows), _params(temps, top_ks.astype(int), top_ps)))
+    expected = sampling_probs_reference(rows, temps, top_ks.astype(int), top_ps)
+    np.testing.assert_array_equal(probs > 0, expected > 0)
+    assert_close(probs, expected, kind="op", what=f"sampling_probs V={v}")
+
+
 def test_tie_rules_keep_every_tied_token():
     """top-k and top-p keep all tokens tied at the cut; greedy picks the first maximum."""
     logits = jnp.asarray([[1.0, 3.0, 3.0, 0.0]] * 5)
