@@ -53,8 +53,12 @@ PLANS = {
     # The grid, k = 1..8 at three depths spanning low to high acceptance. On the
     # shared 2-core CPU each (depth, k) compiles its own step (~15-25 s for SmolLM2) and a
     # token costs 50-500 ms, so the CPU plan decodes 32 tokens a run (~25 minutes in all).
-    "cpu": dict(depths=(12, 20, 28), ks=(1, 2, 3, 4, 5, 6, 7, 8), tokens=32, loop_check=(20, 2)),
-    "gpu": dict(depths=(12, 20, 28), ks=(1, 2, 3, 4, 5, 6, 7, 8), tokens=128, loop_check=(20, 4)),
+    "cpu": dict(
+        depths=(12, 20, 28), ks=tuple(range(1, 9)), tokens=32, loop_check=(20, 2), loop_repeats=2
+    ),
+    "gpu": dict(
+        depths=(12, 20, 28), ks=tuple(range(1, 9)), tokens=128, loop_check=(20, 4), loop_repeats=2
+    ),
     "tiny": dict(depths=(1,), ks=(2,), tokens=12, loop_check=(1, 2), loop_repeats=1),
 }
 
@@ -233,7 +237,7 @@ def run(
     depth, k = plan["loop_check"]
     draft = drafts.get(depth) or layer_skip_draft(model, depth)
     loops, outputs = {"host": [], "device": []}, {}
-    for _ in range(plan.get("loop_repeats", 2)):  # alternated: a load change hits both
+    for _ in range(plan["loop_repeats"]):  # alternated: a load change hits both
         for loop in loops:
             r = speculative_run(model, ids, tokens, MODES["greedy"], draft, k, loop=loop)
             loops[loop].append(1e3 * r["s_per_token"])

@@ -131,6 +131,7 @@ class Engine:
         # only log2(count) times, and a removed tenant's slot is zeroed and reused.
         self._adapters: dict[str, tuple[int, LoraAdapter]] = {}
         self._stack = None
+        self._draft_stack = None  # the draft's part of the stack (see `_set_stack`)
         self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
 
     def _new_cache(self, model: Model):
@@ -154,14 +155,14 @@ class Engine:
         size = self._stack.num_adapters if self._stack is not None else 1
         free = [slot for slot in range(1, size) if slot not in used]
         if free:
-            self._stack = set_adapter_slot(self._stack, free[0], adapter)
+            self._set_stack(set_adapter_slot(self._stack, free[0], adapter))
             self._adapters[name] = (free[0], adapter)
             return
         # No free slot: rebuild the stack with twice the slots (base, tenants, free ones).
         names = sorted(self._adapters, key=lambda n: self._adapters[n][0]) + [name]
         adapters = [self._adapters[n][1] for n in names[:-1]] + [adapter]
         slots = [None, *adapters] + [None] * (max(2, 2 * size) - 1 - len(adapters))
-        self._stack = stack_adapters(slots)
+        self._set_stack(stack_adapters(slots))
         self._adapters = {
             n: (i + 1, a) for i, (n, a) in enumerate(zip(names, adapters, strict=True))
         }
@@ -182,20 +183,28 @@ class Engine:
                 "cancel them first"
             )
         slot, _ = self._adapters.pop(name)
-        self._stack = set_adapter_slot(self._stack, slot, None)
+        self._set_stack(set_adapter_slot(self._stack, slot, None))
 
     @property
     def adapters(self) -> list[str]:
         """The registered adapter names."""
         return sorted(self._adapters)
 
+    def _set_stack(self, stack) -> None:
+        """Replace the adapter stack, and with it the draft's part (once per change, not per
+        step): a layer-skip draft runs the stack's first layers, another draft none."""
+        self._stack = stack
+        if self.draft is not None:
+            self._draft_stack = draft_lora(self.model, self.draft, stack)
+
     def _lora_kwargs(self, requests: Sequence["_Request | None"]) -> tuple[dict, dict]:
         """forward keyword arguments (target, draft) for rows holding `requests`."""
         if self._stack is None:
             return {}, {}
         target = dict(lora=self._stack, adapter_ids=self._adapter_ids(requests))
-        lora = draft_lora(self.model, self.draft, self._stack) if self.draft is not None else None
-        return target, {} if lora is None else dict(target, lora=lora)
+        if self._draft_stack is None:
+            return target, {}
+        return target, dict(target, lora=self._draft_stack)
 
     def _adapter_ids(self, requests: Sequence["_Request | None"]) -> jnp.ndarray | None:
         if self._stack is None:
