@@ -136,7 +136,7 @@ def bench_model(model, *, batch, prompt_len, decode_steps, repeats):
 
 def weight_bytes(model) -> int:
     """Bytes of weights read per decode step: every leaf but the embedding, of which a step
-    gathers only B rows (the output projection is a separate [D, V] array, read whole)."""
+    gathers only B rows; the output projection (the same array when tied) is read whole)."""
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     return total - model.params.embed.size * model.params.embed.dtype.itemsize
 

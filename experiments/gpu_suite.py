@@ -110,10 +110,10 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, stacked: bool = Tru
     c = config
     rng = jax.random.key(seed)
     layer_shapes = dict(
-        wqkv=(c.dim, c.n_heads + 2 * c.n_kv_heads, c.head_dim),
-        wo=(c.n_heads, c.head_dim, c.dim),
-        w_gate_up=(c.dim, 2 * c.ffn_dim),
-        w_down=(c.ffn_dim, c.dim),
+        wqkv=(c.n_heads + 2 * c.n_kv_heads, c.head_dim, c.dim),
+        wo=(c.dim, c.n_heads, c.head_dim),
+        w_gate_up=(2 * c.ffn_dim, c.dim),
+        w_down=(c.dim, c.ffn_dim),
     )
 
     def normal(rng, shape):
@@ -126,7 +126,7 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, stacked: bool = Tru
         ones = jnp.ones((c.dim,), dtype)
         layers.append(LayerParams(attn_norm=ones, ffn_norm=ones, **leaves))
     embed = normal(jax.random.fold_in(rng, 1 << 20), (c.vocab_size, c.dim))
-    output = normal(jax.random.fold_in(rng, (1 << 20) + 1), (c.dim, c.vocab_size))
+    output = normal(jax.random.fold_in(rng, (1 << 20) + 1), (c.vocab_size, c.dim))
     params = Params(
         embed=embed, layers=tuple(layers), final_norm=jnp.ones((c.dim,), dtype), output=output
     )

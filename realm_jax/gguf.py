@@ -41,9 +41,9 @@ class TensorSpec:
       leaf: the `Params` / `LayerParams` field it becomes, or a piece of one
         (`model.FUSED`).
       shape: its NumPy shape (GGUF `ne` reversed) as a function of the config.
-      layout: how `model.params_from_tensors` rearranges it: "as_is", "transpose"
-        ([out, in] -> [in, out]), "heads_in" ([N*H, D] -> [D, N, H]) or "heads_out"
-        ([D, N*H] -> [N, H, D]).
+      layout: how `model.params_from_tensors` rearranges it: "as_is", "out_heads"
+        ([N*H, D] -> [N, H, D]) or "in_heads" ([D, N*H] -> [D, N, H]). Matrices keep GGUF's
+        [out, in] order (see `model.LayerParams`).
     """
 
     gguf_name: str
@@ -63,22 +63,22 @@ def _kv(c: ModelConfig) -> tuple[int, ...]:
 TENSOR_TABLE: tuple[TensorSpec, ...] = (
     TensorSpec("token_embd.weight", "embed", lambda c: (c.vocab_size, c.dim), "as_is"),
     TensorSpec("output_norm.weight", "final_norm", lambda c: (c.dim,), "as_is"),
-    TensorSpec("output.weight", "output", lambda c: (c.vocab_size, c.dim), "transpose"),
+    TensorSpec("output.weight", "output", lambda c: (c.vocab_size, c.dim), "as_is"),
     TensorSpec("blk.{i}.attn_norm.weight", "attn_norm", lambda c: (c.dim,), "as_is"),
     # Q/K rows stay in GGUF's permuted order: the model rotates adjacent pairs (DESIGN §4).
-    TensorSpec("blk.{i}.attn_q.weight", "wq", _q, "heads_in"),
-    TensorSpec("blk.{i}.attn_k.weight", "wk", _kv, "heads_in"),
-    TensorSpec("blk.{i}.attn_v.weight", "wv", _kv, "heads_in"),
+    TensorSpec("blk.{i}.attn_q.weight", "wq", _q, "out_heads"),
+    TensorSpec("blk.{i}.attn_k.weight", "wk", _kv, "out_heads"),
+    TensorSpec("blk.{i}.attn_v.weight", "wv", _kv, "out_heads"),
     TensorSpec(
         "blk.{i}.attn_output.weight",
         "wo",
         lambda c: (c.dim, c.n_heads * c.head_dim),
-        "heads_out",
+        "in_heads",
     ),
     TensorSpec("blk.{i}.ffn_norm.weight", "ffn_norm", lambda c: (c.dim,), "as_is"),
-    TensorSpec("blk.{i}.ffn_gate.weight", "w_gate", lambda c: (c.ffn_dim, c.dim), "transpose"),
-    TensorSpec("blk.{i}.ffn_up.weight", "w_up", lambda c: (c.ffn_dim, c.dim), "transpose"),
-    TensorSpec("blk.{i}.ffn_down.weight", "w_down", lambda c: (c.dim, c.ffn_dim), "transpose"),
+    TensorSpec("blk.{i}.ffn_gate.weight", "w_gate", lambda c: (c.ffn_dim, c.dim), "as_is"),
+    TensorSpec("blk.{i}.ffn_up.weight", "w_up", lambda c: (c.ffn_dim, c.dim), "as_is"),
+    TensorSpec("blk.{i}.ffn_down.weight", "w_down", lambda c: (c.dim, c.ffn_dim), "as_is"),
 )
 
 

@@ -6,15 +6,16 @@ An adapter touches some of a layer's matrices. `LoraAdapter.layers` mirrors `Par
 (a tuple of per-layer `LayerLora`, or one `LayerLora` with [L, ...] leaves), and each
 `LayerLora` field is named after the `LayerParams` leaf it changes (`wqkv`, `wo`, `w_gate_up`,
 `w_down`), holding a `LoraDelta` (a [*in, R], b [R, *out], scale [R]) or None when the
-adapter leaves that matrix alone. The delta of a leaf W is `tensordot(a * scale, b)`, the
-shape of W. Q/K/V (and gate/up) are one fused leaf in `Params`, so their adapters fuse too:
-the q, k and v ranks sit side by side on R, and b is block-structured (q's rank components
-write only the query heads, zeros elsewhere), which lets each piece keep its own rank and
-scale.
+adapter leaves that matrix alone. A leaf W is stored [*out, *in] (`model.LayerParams`); its
+delta is b contracted with a * scale over R, in W's [*out, *in] order. Q/K/V (and gate/up)
+are one fused leaf in `Params`, so their adapters fuse too: the q, k and v ranks sit side by
+side on R, and b is block-structured (q's rank components write only the query heads, zeros
+elsewhere), which lets each piece keep its own rank and scale.
 
 Three strategies, one forward (`model.forward`):
-- merged: `merge_adapter(params, adapter)` returns new Params with W + (a * scale) @ b; the
-  base params stay untouched and reusable.
+- merged: `merge_adapter(params, adapter)` returns new Params with W + ((a * scale) @ b).T; the
+  base params stay untouched and reusable. (Written as products of row vectors,
+  y = x @ W.T + ((x @ a) * scale) @ b.)
 - unmerged and multi-adapter are one mechanism: `forward(..., lora=stack, adapter_ids=ids)`
   adds ((x @ a[ids]) * scale[ids]) @ b[ids] inside each projection (`model.lora_delta`),
   where `stack` is a `LoraStack` of M adapters ([M, ...] per-layer leaves, ranks zero-padded
@@ -75,7 +76,7 @@ __all__ = [
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraDelta:
-    """The low-rank change of one weight: delta W = tensordot(a * scale, b, axes=1).
+    """The low-rank change of one weight: the product x @ W.T gains ((x @ a) * scale) @ b.
 
     Attributes:
       a: [*in, R] down projection (the weight's input dims, then rank).
@@ -429,10 +430,11 @@ def check_adapter(adapter: LoraAdapter, params: Params, config: ModelConfig) -> 
 
 
 def _delta_weight(delta: LoraDelta) -> jax.Array:
-    """tensordot(a * scale, b) in float32: [*in, R] x [R, *out] -> [*in, *out]."""
+    """The weight's delta in its stored [*out, *in] layout, in float32: b [R, *out] and
+    a * scale [*in, R] contracted over R."""
     a, b, scale = (x.astype(jnp.float32) for x in (delta.a, delta.b, delta.scale))
-    scale = scale.reshape((1,) * (a.ndim - 1) + scale.shape)  # [1, .., R]
-    return jnp.tensordot(a * scale, b, axes=1, precision=jax.lax.Precision.HIGHEST)
+    scaled_a = a * scale.reshape((1,) * (a.ndim - 1) + scale.shape)  # [*in, R]
+    return jnp.tensordot(b, scaled_a, axes=((0,), (a.ndim - 1,)), precision="highest")
 
 
 @jax.jit
@@ -451,7 +453,7 @@ def _merge_weights(
 
 
 def merge_adapter(params: Params, adapter: LoraAdapter) -> Params:
-    """New params with the adapter merged: W + (a * scale) @ b for every touched weight.
+    """New params with the adapter merged: W + ((a * scale) @ b).T for every touched weight.
 
     The base `params` are not modified and untouched leaves are shared, not copied. The sum is
     formed in float32; for bfloat16 weights it is then rounded to bfloat16, which can lose a
@@ -472,7 +474,8 @@ def merge_adapter(params: Params, adapter: LoraAdapter) -> Params:
         weights = {f: getattr(layer, f) for f in touched}
         for f, d in touched.items():
             lead = d.scale.ndim - 1
-            if tuple(weights[f].shape) != (*d.a.shape[:-1], *d.b.shape[lead + 1 :]):
+            want = (*d.a.shape[:lead], *d.b.shape[lead + 1 :], *d.a.shape[lead:-1])
+            if tuple(weights[f].shape) != want:
                 raise AdapterError(
                     f"adapter {f}: a {d.a.shape}, b {d.b.shape} do not fit the weight "
                     f"{weights[f].shape}"

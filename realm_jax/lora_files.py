@@ -97,8 +97,8 @@ class _Piece:
 def lora_pieces(config: ModelConfig) -> dict[str, _Piece]:
     """GGUF layer weight kind ("attn_q", ...) -> where its delta goes.
 
-    Dims follow `TENSOR_TABLE`'s layouts: "heads_in" [D, heads, H], "transpose" [in, out],
-    "heads_out" [N, H, D]; fused pieces are concatenated on the leaf's first output axis in
+    Dims follow `TENSOR_TABLE`'s layouts ([out, in] matrices; "out_heads" [heads, H, D],
+    "in_heads" [D, N, H]); fused pieces are concatenated on the leaf's first output axis in
     `model.FUSED` order.
     """
     fused_at = {
@@ -106,15 +106,15 @@ def lora_pieces(config: ModelConfig) -> dict[str, _Piece]:
     }
     groups: dict[str, list] = {}
     for spec in TENSOR_TABLE:
-        if "{i}" not in spec.gguf_name or spec.layout == "as_is":
-            continue
+        if "{i}" not in spec.gguf_name or len(spec.shape(config)) != 2:
+            continue  # not a layer's weight matrix
         out, inn = spec.shape(config)
-        if spec.layout == "heads_in":
+        if spec.layout == "out_heads":
             in_dims, out_dims = (inn,), (out // config.head_dim, config.head_dim)
-        elif spec.layout == "transpose":
-            in_dims, out_dims = (inn,), (out,)
-        else:  # heads_out
+        elif spec.layout == "in_heads":
             in_dims, out_dims = (config.n_heads, config.head_dim), (out,)
+        else:  # as_is
+            in_dims, out_dims = (inn,), (out,)
         leaf, order = fused_at.get(spec.leaf, (spec.leaf, 0))
         kind = spec.gguf_name.split(".")[2]
         groups.setdefault(leaf, []).append((order, kind, in_dims, out_dims))

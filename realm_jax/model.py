@@ -16,6 +16,7 @@ imports this module (not the reverse). With `lora=None` the forward has no extra
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -39,16 +40,21 @@ class LayerParams:
 
     Attributes:
       attn_norm: [D] RMSNorm weight before attention.
-      wqkv: [D, N + 2K, H] query, key and value projections side by side (heads 0..N-1 are
-        queries, then K key heads, then K value heads); Q/K head rows in GGUF order
+      wqkv: [N + 2K, H, D] query, key and value projections stacked on the output axis (heads
+        0..N-1 are queries, then K key heads, then K value heads); Q/K head rows in GGUF order
         (adjacent-pair RoPE, DESIGN §4).
-      wo: [N, H, D] attention output projection.
+      wo: [D, N, H] attention output projection.
       ffn_norm: [D] RMSNorm weight before the MLP.
-      w_gate_up: [D, 2F] SwiGLU gate (columns 0..F-1) and up projection (F..2F-1).
-      w_down: [F, D] SwiGLU down projection.
+      w_gate_up: [2F, D] SwiGLU gate (rows 0..F-1) and up projection (F..2F-1).
+      w_down: [D, F] SwiGLU down projection.
+
+    Every matrix is stored [*out, *in], as GGUF (and PyTorch) store them; `linear` contracts
+    its trailing input axes. On the 2-core dev machine XLA's CPU products read this layout as
+    fast as [*in, *out] at one row and faster at several: SmolLM2's batch-8 decode step went
+    from 191 to 150 ms, batch 1 unchanged (docs/results.md, change 8).
 
     Q/K/V and gate/up are fused because XLA's CPU matrix-vector product runs each call at a
-    fixed overhead: one [D, N + 2K, H] product instead of three, and one [D, 2F] instead of
+    fixed overhead: one [N + 2K, H, D] product instead of three, and one [2F, D] instead of
     two, saved ~3.5 of ~38 ms of SmolLM2's per-token weight reads on the 2-core dev machine.
     `FUSED` names the GGUF pieces of each fused leaf.
     """
@@ -63,8 +69,8 @@ class LayerParams:
 
 # Fused LayerParams leaf -> (piece names from gguf.TENSOR_TABLE, concatenation axis).
 FUSED: dict[str, tuple[tuple[str, ...], int]] = {
-    "wqkv": (("wq", "wk", "wv"), 1),
-    "w_gate_up": (("w_gate", "w_up"), 1),
+    "wqkv": (("wq", "wk", "wv"), 0),
+    "w_gate_up": (("w_gate", "w_up"), 0),
 }
 
 
@@ -77,10 +83,7 @@ class Params:
       embed: [V, D] token embedding.
       layers: a `LayerParams` with [L, ...] leaves (stacked) or a tuple of L `LayerParams`.
       final_norm: [D] RMSNorm weight after the last block.
-      output: [D, V] output projection; for tied embeddings a transposed copy of `embed`.
-        XLA's CPU matrix-vector product reads a [D, V] operand at ~22 GB/s and a [V, D] one at
-        ~14 GB/s (measured on the 2-core dev machine), so the copy buys ~3 ms per decoded
-        token for SmolLM2 at the price of 113 MB.
+      output: [V, D] output projection; for tied embeddings the same array as `embed`.
     """
 
     embed: jax.Array
@@ -92,12 +95,10 @@ class Params:
 def _to_layout(array: np.ndarray, layout: str, config: ModelConfig) -> np.ndarray:
     if layout == "as_is":
         return array
-    if layout == "transpose":
-        return array.T
-    if layout == "heads_in":  # [heads*H, D] -> [D, heads, H]
-        return array.T.reshape(config.dim, -1, config.head_dim)
-    if layout == "heads_out":  # [D, N*H] -> [N, H, D]
-        return array.T.reshape(config.n_heads, config.head_dim, config.dim)
+    if layout == "out_heads":  # [heads*H, D] -> [heads, H, D]
+        return array.reshape(-1, config.head_dim, config.dim)
+    if layout == "in_heads":  # [D, N*H] -> [D, N, H]
+        return array.reshape(config.dim, config.n_heads, config.head_dim)
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -129,12 +130,12 @@ def params_from_tensors(
         layers = LayerParams(**{f: put(np.stack([p[f] for p in per_layer])) for f in per_layer[0]})
     else:
         layers = tuple(LayerParams(**{f: put(a) for f, a in p.items()}) for p in per_layer)
-    output = top.get("output", top["embed"].T)  # [D, V]
+    embed = put(top["embed"])
     return Params(
-        embed=put(top["embed"]),
+        embed=embed,
         layers=layers,
         final_norm=put(top["final_norm"]),
-        output=put(output),
+        output=put(top["output"]) if "output" in top else embed,  # tied: one array
     )
 
 
@@ -185,6 +186,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, rope_dim: int) -
     if rope_dim == x.shape[-1]:
         return rotated
     return jnp.concatenate([rotated, x[..., rope_dim:]], axis=-1)
+
+
+def linear(x: jax.Array, w: jax.Array, in_axes: int = 1, out_dtype=None) -> jax.Array:
+    """x @ w.T over several axes: x [..., *in] and w [*out, *in] -> [..., *out].
+
+    Both sides are flattened to matrices first (free for contiguous arrays): contracting two
+    axes at once made XLA's CPU backend transpose and copy the weight on every call.
+
+    Args:
+      x: the input; its last `in_axes` axes are contracted.
+      w: a weight stored [*out, *in] (see `LayerParams`).
+      in_axes: how many trailing axes the input side has.
+      out_dtype: the product's dtype (None: the operands' own).
+    """
+    out_dims, lead = w.shape[: w.ndim - in_axes], x.shape[: x.ndim - in_axes]
+    w2 = w.reshape(math.prod(out_dims), -1)  # [O, I]
+    x2 = x.reshape(math.prod(lead), -1)  # [rows, I]
+    y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *out_dims)  # [rows, O] -> [..., *out]
 
 
 def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.Array:
@@ -242,7 +262,7 @@ def _project_qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm Q/K/V projections with RoPE: q [B, T, N, H], k and v [B, T, K, H]."""
     h = rms_norm(x, layer.attn_norm, config.norm_eps)  # [B, T, D]
-    qkv = jnp.einsum("BTD,DEH->BTEH", h, layer.wqkv)  # [B, T, N + 2K, H]
+    qkv = linear(h, layer.wqkv)  # [B, T, N + 2K, H]
     qkv = _plus_lora(qkv, h, lora, "wqkv", adapter_ids)
     n, kv = config.n_heads, config.n_kv_heads
     q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
@@ -260,11 +280,11 @@ def _mlp_block(
 ) -> jax.Array:
     """Pre-norm SwiGLU MLP with its residual."""
     h = rms_norm(x, layer.ffn_norm, config.norm_eps)  # [B, T, D]
-    gate_up = jnp.einsum("BTD,DE->BTE", h, layer.w_gate_up)  # [B, T, 2F]
+    gate_up = linear(h, layer.w_gate_up)  # [B, T, 2F]
     gate_up = _plus_lora(gate_up, h, lora, "w_gate_up", adapter_ids)
     gate, up = gate_up[..., : config.ffn_dim], gate_up[..., config.ffn_dim :]
     act = jax.nn.silu(gate) * up  # [B, T, F]
-    down = jnp.einsum("BTF,FD->BTD", act, layer.w_down)
+    down = linear(act, layer.w_down)  # [B, T, D]
     return x + _plus_lora(down, act, lora, "w_down", adapter_ids)
 
 
@@ -319,12 +339,7 @@ def forward(
         out = attention(
             q, k_cache, v_cache, positions, kv_lengths, implementation=implementation
         )  # [B, T, N, H]
-        # Contract over one merged N*H axis: with "BTNH,NHD->BTD" XLA's CPU backend transposes
-        # and copies wo on every call (found in the optimized HLO), 1.3 MB per layer per step.
-        b, t = out.shape[:2]
-        wo = layer.wo.reshape(-1, layer.wo.shape[-1])  # [N*H, D]
-        out = out.reshape(b, t, -1)  # [B, T, N*H]
-        x = x + _plus_lora(jnp.einsum("BTE,ED->BTD", out, wo), out, layer_lora, "wo", adapter_ids)
+        x = x + _plus_lora(linear(out, layer.wo, 2), out, layer_lora, "wo", adapter_ids)
         return _mlp_block(layer, x, config, layer_lora, adapter_ids)
 
     if isinstance(params.layers, tuple):
@@ -365,4 +380,4 @@ def forward(
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
     """Logits [..., V] float32 from final hidden states [..., D]."""
-    return jnp.einsum("...D,DV->...V", hidden, params.output, preferred_element_type=jnp.float32)
+    return linear(hidden, params.output, out_dtype=jnp.float32)
