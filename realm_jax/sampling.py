@@ -3,7 +3,8 @@
 `Sampling` is the user-facing request option; `SamplingParams` stacks one per batch row as
 arrays, so one jitted step serves rows with different settings. `sampling_probs` is the exact
 distribution a row draws from (speculative decoding reuses it for `target_probs` and
-`draft_probs`); `sample` draws from it. `sampling_probs_reference` is its float64 NumPy twin.
+`draft_probs`); `sample` draws from it with `draw`, the one way tokens are drawn here.
+`sampling_probs_reference` is its float64 NumPy twin.
 Batching, speculative acceptance and scheduling live elsewhere.
 
 The distribution of a row with temperature t > 0, top-k k and top-p p over logits x [V]:
@@ -229,8 +230,29 @@ def sampling_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jnp.where(greedy[:, None], one_hot, jax.nn.softmax(masked, axis=-1))
 
 
+def draw(rngs: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per row from probs [B, V] by inverting the CDF with one uniform per row.
+
+    x = (1 - u) * total lies in (0, total], so the first index whose cumulative mass reaches
+    x has positive probability; a one-hot row gives its own index exactly. One uniform per row
+    instead of `jax.random.categorical`'s V Gumbels: on the dev CPU at V = 49,152 the draw
+    costs 0.5 ms instead of 2.1, and its program compiles faster.
+
+    Args:
+      rngs: [B] PRNG keys; each row uses only its own.
+      probs: [B, V] nonnegative, each row with positive total (need not sum to exactly 1).
+
+    Returns:
+      [B] int32 token ids.
+    """
+    cdf = jnp.cumsum(probs, axis=-1)  # [B, V]
+    x = (1.0 - jax.vmap(jax.random.uniform)(rngs)) * cdf[:, -1]  # [B]
+    index = jnp.sum(cdf < x[:, None], axis=-1, dtype=jnp.int32)
+    return jnp.minimum(index, probs.shape[-1] - 1)
+
+
 def sample(logits: jax.Array, params: SamplingParams, rngs: jax.Array) -> jax.Array:
-    """Draw one token per row: the argmax for greedy rows, else from `sampling_probs`.
+    """Draw one token per row from `sampling_probs`: the argmax exactly for greedy rows.
 
     Args:
       logits: [B, V] float.
@@ -240,11 +262,7 @@ def sample(logits: jax.Array, params: SamplingParams, rngs: jax.Array) -> jax.Ar
     Returns:
       [B] int32 token ids.
     """
-    masked, greedy = _filtered_logits(logits, params)
-    # Gumbel-max on the masked logits draws from softmax(masked) = sampling_probs without a
-    # log(probs) round trip; vmap keeps each row's noise a function of its own key only.
-    drawn = jax.vmap(jax.random.categorical)(rngs, masked)  # [B]
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    return draw(rngs, sampling_probs(logits, params))
 
 
 def sampling_probs_reference(logits, temperature, top_k, top_p) -> np.ndarray:

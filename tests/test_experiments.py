@@ -96,3 +96,27 @@ def test_gpu_suite_sizes_fit_each_experiment():
             assert set(kwargs["runs"]) <= set(module.RUNS), part
     lora_plan = suite.PARTS["lora_strategies"]["plan"]
     assert lora_plan["batch"] == 32 and set(lora_plan["distinct"]) == {1, 8, 32}
+
+
+def test_decode_ab_tiny(tmp_path):
+    """One round of one tree, in its child process: every figure is there and positive."""
+    module = _module("decode_ab")
+    assert module.main(["--tiny", "--trees", ".", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "decode_ab.json").read_text())
+    (row,) = result["rows"]
+    modes = ("greedy", "sampled")
+    assert set(row["decode_ms"]) == {f"batch {b} {m}" for b in (1, 2) for m in modes}
+    assert set(row["prefill_ms"]) == {"5 tokens"}
+    assert all(v > 0 for v in [*row["decode_ms"].values(), *row["prefill_ms"].values()])
+    assert "| . |" in (tmp_path / "decode_ab.md").read_text()
+
+
+def test_profile_decode_tiny(tmp_path):
+    """The profiler's per-operation events are found and named by their HLO output shapes."""
+    module = _module("profile_decode")
+    assert module.main(["--tiny", "--batch", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile_decode_b2_greedy.json").read_text())
+    assert result["ops_ms_per_step"] > 0
+    ops = [g["op"] for g in result["groups"]]
+    # the output projection: logits [B, V] = [2, 300] from a product (a dot or a fusion)
+    assert any(op.startswith("f32[2,300]") for op in ops), ops
