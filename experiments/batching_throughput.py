@@ -140,12 +140,9 @@ def run(
     """
     plan = {**PLANS["tiny" if tiny else "full"], **(plan or {})}
     if tiny:
-        from realm_jax.config import tiny as tiny_config
-        from realm_jax.testing import random_tensors, write_gguf
+        from realm_jax.testing import tiny_model_file
 
-        config = tiny_config(vocab_size=300)
-        path = Path(tempfile.mkdtemp()) / "tiny.gguf"
-        write_gguf(path, config, random_tensors(config))
+        path = tiny_model_file()
     else:
         from realm_jax.cli import default_model_path
 

@@ -154,12 +154,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.tiny:
-        from realm_jax.config import tiny
-        from realm_jax.testing import random_tensors, write_gguf
+        from realm_jax.testing import tiny_model_file
 
-        config = tiny(vocab_size=300)
-        path = Path(tempfile.mkdtemp()) / "tiny.gguf"
-        write_gguf(path, config, random_tensors(config))
+        path = tiny_model_file()
         plan = dict(batches=(1, 2), contexts=(16,), decode_steps=4, repeats=2)
         bandwidth_mb = 64
     else:

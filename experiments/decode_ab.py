@@ -47,6 +47,7 @@ def measure(tree: str, tiny: bool) -> dict:
 
     plan = PLANS["tiny" if tiny else "full"]
     if tiny:
+        # written out here, not `testing.tiny_model_file`: older checkouts lack that helper
         from realm_jax.config import tiny as tiny_config
         from realm_jax.testing import random_tensors, write_gguf
 

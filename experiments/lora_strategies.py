@@ -161,13 +161,9 @@ def time_generate(model, adapters, plan) -> list[dict]:
 
 def _load(tiny: bool, model_path: str | None, dtype: str):
     if tiny:
-        from realm_jax.config import tiny as tiny_config
-        from realm_jax.testing import random_tensors, write_gguf
+        from realm_jax.testing import tiny_model_file
 
-        config = tiny_config(vocab_size=300)
-        path = Path(tempfile.mkdtemp()) / "tiny.gguf"
-        write_gguf(path, config, random_tensors(config))
-        return rj.load_model(path, dtype=dtype)
+        return rj.load_model(tiny_model_file(), dtype=dtype)
     from realm_jax.cli import default_model_path
 
     return rj.load_model(model_path or default_model_path(), dtype=dtype)

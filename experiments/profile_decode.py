@@ -120,12 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
     if args.tiny:
-        from realm_jax.config import tiny
-        from realm_jax.testing import random_tensors, write_gguf
+        from realm_jax.testing import tiny_model_file
 
-        config = tiny(vocab_size=300)
-        path = Path(tempfile.mkdtemp()) / "tiny.gguf"
-        write_gguf(path, config, random_tensors(config))
+        path = tiny_model_file()
         sizes = dict(window=16, filled=8, steps=2)
     else:
         from realm_jax.cli import default_model_path

@@ -203,8 +203,8 @@ def _filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arr
     # -inf instead of sending the top one to +inf (inf - inf is NaN in the softmax).
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature[:, None]
     filtering = ~greedy & (((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
-    # Skip the [B, V] sort when no row filters (greedy and plain-temperature batches): a cond
-    # on one scalar, not Python branching, so this stays jittable with fixed shapes.
+    # Skip the two cut-off searches when no row filters (greedy and plain-temperature
+    # batches): a cond on one scalar, not Python branching, so this stays jittable.
     threshold = jax.lax.cond(
         jnp.any(filtering),
         _top_k_top_p_threshold,

@@ -6,12 +6,14 @@ The tolerance table is the only place a tolerance is written; values come from
 """
 
 import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import gguf
 import numpy as np
 
-from realm_jax.config import ModelConfig
+from realm_jax.config import ModelConfig, tiny
 from realm_jax.tokenizer import _byte_to_unicode
 
 # (dtype, comparison) -> (atol, rtol). "logits": a whole-model float32 forward against float32
@@ -181,6 +183,15 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def tiny_model_file(vocab_size: int = 300) -> Path:
+    """A random tiny llama model (`config.tiny`, float32) written as a GGUF file in a fresh
+    temporary folder: the model of the experiments' `--tiny` runs."""
+    config = tiny(vocab_size=vocab_size)
+    path = Path(tempfile.mkdtemp()) / "tiny.gguf"
+    write_gguf(path, config, random_tensors(config))
+    return path
 
 
 def cached_logits(model, prompt: list[int], fed: list[int]) -> np.ndarray:
