@@ -8,9 +8,13 @@ It first measures the device's ceilings (a large device-to-device copy: bytes/s;
 bfloat16 matmul: FLOP/s), then:
 - decode at batch 1/8/32/64 in bfloat16 (float32 with --tiny) for SmolLM2-135M (the real file)
   and for TinyLlama-1.1B and Llama-2-7B shapes with random weights (timing does not need real
-  weights; the big shapes use stacked layers under `lax.scan` to keep compilation short):
-  ms per step and the share of the copy ceiling that the step's bytes (weights + the KV cache
-  window read) reach;
+  weights): ms per step and the share of the copy ceiling that the step's bytes (weights + the
+  KV cache window read) reach. Each model runs in both layer layouts: its main one at every
+  batch size (SmolLM2: unrolled, as `load_model` gives it; the big shapes: stacked under
+  `lax.scan`, which compiles one layer instead of 22-32), the other at the smallest and
+  largest. The pair measures what the scan costs: it slices each layer's weights out of
+  [L, ...] arrays, and XLA on the CPU copies every slice before its product
+  (docs/results.md);
 - prefill tokens/s at 512 and 2048 tokens, and the share of the matmul ceiling reached;
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
   batching_throughput.py (each script's own `run`, at the suite's size in PARTS, or tiny);
@@ -21,6 +25,7 @@ waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import platform
@@ -105,8 +110,9 @@ def ceilings(tiny: bool) -> dict:
     return dict(copy_gb_s=2 * n * 4 / copy_s / 1e9, matmul_tflop_s=2 * m**3 / matmul_s / 1e12)
 
 
-def random_params(config: ModelConfig, dtype, seed: int = 0, stacked: bool = True) -> Params:
-    """Random weights of `config`'s shapes, made on the device (std 0.02; norms 1)."""
+def random_params(config: ModelConfig, dtype, seed: int = 0) -> Params:
+    """Random weights of `config`'s shapes, made on the device (std 0.02; norms 1), with a
+    tuple of layers (`stack_layers` gives the [L, ...] layout)."""
     c = config
     rng = jax.random.key(seed)
     layer_shapes = dict(
@@ -127,10 +133,13 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, stacked: bool = Tru
         layers.append(LayerParams(attn_norm=ones, ffn_norm=ones, **leaves))
     embed = normal(jax.random.fold_in(rng, 1 << 20), (c.vocab_size, c.dim))
     output = normal(jax.random.fold_in(rng, (1 << 20) + 1), (c.vocab_size, c.dim))
-    params = Params(
+    return Params(
         embed=embed, layers=tuple(layers), final_norm=jnp.ones((c.dim,), dtype), output=output
     )
-    return stack_layers(params) if stacked else params
+
+
+def layout(params: Params) -> str:
+    return "unrolled" if isinstance(params.layers, tuple) else "stacked (scan)"
 
 
 def weight_bytes(params: Params) -> int:
@@ -139,7 +148,7 @@ def weight_bytes(params: Params) -> int:
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
-def decode_rows(name, params, config, batches, *, window, repeats, copy_gb_s) -> list[dict]:
+def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) -> list[dict]:
     """ms per decode step at each batch size, with a cache of `window` positions per row."""
     rows = []
     stacked = not isinstance(params.layers, tuple)
@@ -169,6 +178,7 @@ def decode_rows(name, params, config, batches, *, window, repeats, copy_gb_s) ->
         rows.append(
             dict(
                 model=name,
+                layout=layout(params),
                 batch=batch,
                 window=window,
                 ms_per_step=1e3 * seconds,
@@ -207,6 +217,7 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
         rows.append(
             dict(
                 model=name,
+                layout=layout(params),
                 tokens=t,
                 ms=1e3 * seconds,
                 tok_s=t / seconds,
@@ -283,10 +294,11 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
     copy_gb_s = result["ceilings"]["copy_gb_s"]
     matmul = result["ceilings"]["matmul_tflop_s"]
     dtype = jnp.float32 if tiny else jnp.bfloat16
+    # name -> (a config, or a loaded rj.Model; whether its main layout is stacked)
     if tiny:
         from realm_jax.config import tiny as tiny_config
 
-        models = {"tiny (random)": (tiny_config(vocab_size=300), False)}
+        models = {"tiny (random)": (tiny_config(vocab_size=300), True)}  # as the big shapes
         batches, window, lengths, repeats = (1, 8), 32, (32,), 3
     else:
         models = {name: (ModelConfig(**shape), True) for name, shape in SHAPES.items()}
@@ -299,15 +311,24 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
         models = {"SmolLM2-135M": (smol, None), **models}
     elif not tiny:
         models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
-    for name, (config, stacked) in models.items():
+    ends = (batches[0], batches[-1])
+    for name, (config, main_stacked) in models.items():
         try:
             if isinstance(config, rj.Model):
                 params, config = config.params, config.config
             else:
-                params = random_params(config, dtype, stacked=stacked)
-            result["decode"] += decode_rows(
-                name, params, config, batches, window=window, repeats=repeats, copy_gb_s=copy_gb_s
-            )
+                params = random_params(config, dtype)
+            decode = functools.partial(
+                decode_rows, name, config=config, window=window, repeats=repeats,
+                copy_gb_s=copy_gb_s,
+            )  # fmt: skip
+            if main_stacked:  # the unrolled rows first, so one layout is in memory at a time
+                result["decode"] += decode(params, ends)
+                params = stack_layers(params)
+                result["decode"] += decode(params, batches)
+            else:
+                result["decode"] += decode(params, batches)
+                result["decode"] += decode(stack_layers(params), ends)
             result["prefill"] += prefill_rows(
                 name, params, config, lengths, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
             )
@@ -342,22 +363,23 @@ def markdown(result: dict) -> str:
         f"ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
         f"TFLOP/s; suite wall time {result['seconds']['total']:.0f} s.",
         "",
-        "| model | batch | window | ms/step | tok/s | GB/s | % of copy ceiling |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layers | batch | window | ms/step | tok/s | GB/s | % of copy ceiling |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["decode"]:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['window']} | {r['ms_per_step']:.2f} | "
-            f"{r['tok_s']:.0f} | {r['gb_s']:.1f} | {100 * r['share_of_copy_ceiling']:.0f}% |"
+            f"| {r['model']} | {r['layout']} | {r['batch']} | {r['window']} | "
+            f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['gb_s']:.1f} | "
+            f"{100 * r['share_of_copy_ceiling']:.0f}% |"
         )
     lines += [
         "",
-        "| model | prompt tokens | ms | tok/s | TFLOP/s | % of matmul ceiling |",
-        "|---|---|---|---|---|---|",
+        "| model | layers | prompt tokens | ms | tok/s | TFLOP/s | % of matmul ceiling |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["prefill"]:
         lines.append(
-            f"| {r['model']} | {r['tokens']} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
+            f"| {r['model']} | {r['layout']} | {r['tokens']} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
             f"{r['tflop_s']:.2f} | {100 * r['share_of_matmul_ceiling']:.0f}% |"
         )
     for part in PARTS:

@@ -37,10 +37,12 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     assert result["errors"] == {} and result["skipped"] == {}
     assert exit_info.value.code == 0
     assert {row["batch"] for row in result["decode"]} == {1, 8}
+    layouts = {(row["layout"], row["batch"]) for row in result["decode"]}
+    assert layouts == {(name, b) for name in ("unrolled", "stacked (scan)") for b in (1, 8)}
     assert all(row["ms_per_step"] > 0 for row in result["decode"])
     assert all(row["ms"] > 0 for row in result["prefill"])
     table = (tmp_path / "gpu_suite.md").read_text()
-    assert "| model | batch |" in table
+    assert "| model | layers | batch |" in table
 
     attention = result["bench_attention"]
     for row in attention["prefill"] + attention["decode"]:
