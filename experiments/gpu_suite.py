@@ -19,8 +19,9 @@ bfloat16 matmul: FLOP/s), then:
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
   batching_throughput.py (each script's own `run`, at the suite's size in PARTS, or tiny);
   a part not started by DEADLINE_S is listed as skipped, so the call ends within its lease.
-Every time is the median of repeated runs after a warm-up call (compilation excluded),
-waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
+Every time is the median of repeated runs after a warm-up call (compilation excluded; the
+decode and prefill rows report that first call's seconds too, so the next lease can be
+planned), waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
 """
 
 import argparse
@@ -86,9 +87,13 @@ SHAPES = {
 }
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median seconds of `fn()` (waited for), after one untimed call."""
+def median_time(fn, repeats: int, first: list | None = None) -> float:
+    """Median seconds of `fn()` (waited for), after one call left out of it (it compiles);
+    that call's seconds are appended to `first` if given."""
+    start = time.perf_counter()
     jax.block_until_ready(fn())
+    if first is not None:
+        first.append(time.perf_counter() - start)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -172,7 +177,8 @@ def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) ->
             )
             return tokens
 
-        seconds = median_time(step, repeats)
+        first = []
+        seconds = median_time(step, repeats, first)
         kv_bytes = 2 * config.n_layers * batch * config.n_kv_heads * window * config.head_dim
         step_bytes = weight_bytes(params) + kv_bytes * dtype.itemsize
         rows.append(
@@ -185,6 +191,7 @@ def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) ->
                 tok_s=batch / seconds,
                 gb_s=step_bytes / seconds / 1e9,
                 share_of_copy_ceiling=step_bytes / seconds / 1e9 / copy_gb_s,
+                first_call_s=first[0],  # compilation + one step
             )
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -209,7 +216,8 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
                 params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
             )[0]
 
-        seconds = median_time(run, repeats)
+        first = []
+        seconds = median_time(run, repeats, first)
         # 2 FLOPs per weight per token, plus causal attention (QK^T and PV: 2 * 2 * T^2 / 2
         # per head dimension and query head)
         flops = 2 * matrix_params * t
@@ -223,6 +231,7 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
                 tok_s=t / seconds,
                 tflop_s=flops / seconds / 1e12,
                 share_of_matmul_ceiling=flops / seconds / 1e12 / matmul_tflop_s,
+                first_call_s=first[0],
             )
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -363,24 +372,27 @@ def markdown(result: dict) -> str:
         f"ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
         f"TFLOP/s; suite wall time {result['seconds']['total']:.0f} s.",
         "",
-        "| model | layers | batch | window | ms/step | tok/s | GB/s | % of copy ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | layers | batch | window | ms/step | tok/s | GB/s | % of copy ceiling | "
+        "first call s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["decode"]:
         lines.append(
             f"| {r['model']} | {r['layout']} | {r['batch']} | {r['window']} | "
             f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['gb_s']:.1f} | "
-            f"{100 * r['share_of_copy_ceiling']:.0f}% |"
+            f"{100 * r['share_of_copy_ceiling']:.0f}% | {r['first_call_s']:.1f} |"
         )
     lines += [
         "",
-        "| model | layers | prompt tokens | ms | tok/s | TFLOP/s | % of matmul ceiling |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layers | prompt tokens | ms | tok/s | TFLOP/s | % of matmul ceiling | "
+        "first call s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["prefill"]:
         lines.append(
             f"| {r['model']} | {r['layout']} | {r['tokens']} | {r['ms']:.1f} | {r['tok_s']:.0f} | "
-            f"{r['tflop_s']:.2f} | {100 * r['share_of_matmul_ceiling']:.0f}% |"
+            f"{r['tflop_s']:.2f} | {100 * r['share_of_matmul_ceiling']:.0f}% | "
+            f"{r['first_call_s']:.1f} |"
         )
     for part in PARTS:
         if part in result:
