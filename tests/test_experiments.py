@@ -30,12 +30,16 @@ def test_bench_decode_tiny(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--tiny", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(EXPERIMENTS / "gpu_suite.py"), run_name="__main__")
+    suite = _module("gpu_suite")
+    saved = []  # the part running at each save: the files are rewritten after every part
+    markdown = suite.markdown
+    monkeypatch.setattr(suite, "markdown", lambda r: saved.append(r["in_progress"]) or markdown(r))
+    code = suite.main(["--tiny", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert result["errors"] == {} and result["skipped"] == {}
-    assert exit_info.value.code == 0
+    assert code == 0
+    parts = ["bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"]
+    assert saved == ["decode/prefill tiny (random)", *parts, None, None]  # last: the print
     assert {row["batch"] for row in result["decode"]} == {1, 8}
     layouts = {(row["layout"], row["batch"]) for row in result["decode"]}
     assert layouts == {(name, b) for name in ("unrolled", "stacked (scan)") for b in (1, 8)}
@@ -67,6 +71,16 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     assert len({row["new_tokens"] for row in batching["rows"]}) == 1  # same work for each
     for part in ("bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"):
         assert f"### {part}" in table
+
+    # what a call cut off by its timeout leaves (the suite saves after every part)
+    assert result["in_progress"] is None and "Cut off" not in table
+    partial = {
+        k: v for k, v in result.items() if k not in ("speculative_sweep", "batching_throughput")
+    }
+    partial["in_progress"] = "speculative_sweep"
+    cut = markdown(partial)
+    assert "### lora_strategies" in cut and "### batching_throughput" not in cut
+    assert "Cut off while running speculative_sweep" in cut
 
 
 def _module(name: str):
