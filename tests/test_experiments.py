@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from realm_jax.testing import TOLERANCES
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -137,3 +139,19 @@ def test_profile_decode_tiny(tmp_path):
     ops = [g["op"] for g in result["groups"]]
     # the output projection: logits [B, V] = [2, 300] from a product (a dot or a fusion)
     assert any(op.startswith("f32[2,300]") for op in ops), ops
+
+
+def test_probe_decode_attention_tiny(tmp_path):
+    """Every formulation computes the same attention as ours, and each is timed."""
+    module = _module("probe_decode_attention")
+    assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "probe_decode_attention.json").read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {
+        "einsum (ours)", "K stored [B, K, H, S]", "multiply-reduce", "scores only", "values only"
+    }  # fmt: skip
+    assert all(row["ms"] > 0 for row in rows.values())
+    atol, rtol = TOLERANCES[("float32", "op")]  # one float32 op's rounding, per layer
+    bound = result["size"]["layers"] * (atol + rtol * result["max_abs_output"])
+    for name in ("K stored [B, K, H, S]", "multiply-reduce"):
+        assert rows[name]["max_abs_diff"] <= bound, name
