@@ -116,7 +116,7 @@ def run(tiny: bool) -> dict:
     return dict(
         size=size,
         jax=jax.__version__,
-        machine=platform.processor(),
+        machine=dict(platform=platform.platform(), device=str(jax.devices()[0])),
         max_abs_output=float(np.abs(reference).max()),
         rows=rows,
     )
