@@ -87,19 +87,18 @@ SHAPES = {
 }
 
 
-def median_time(fn, repeats: int, first: list | None = None) -> float:
-    """Median seconds of `fn()` (waited for), after one call left out of it (it compiles);
-    that call's seconds are appended to `first` if given."""
+def median_time(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds of `fn()`, waited for, over `repeats` calls; seconds of the first call,
+    which compiles and is left out of the median)."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
-    if first is not None:
-        first.append(time.perf_counter() - start)
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def ceilings(tiny: bool) -> dict:
@@ -107,11 +106,11 @@ def ceilings(tiny: bool) -> dict:
     n = (1 << 22) if tiny else (1 << 30)  # elements: 16 MB or 4 GB of float32
     x = jnp.ones((n,), jnp.float32)
     copy = jax.jit(lambda x: x + 1.0)
-    copy_s = median_time(lambda: copy(x), 5 if tiny else 10)
+    copy_s, _ = median_time(lambda: copy(x), 5 if tiny else 10)
     m = 512 if tiny else 8192
     a = jnp.ones((m, m), jnp.bfloat16)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    matmul_s = median_time(lambda: matmul(a, a), 5 if tiny else 20)
+    matmul_s, _ = median_time(lambda: matmul(a, a), 5 if tiny else 20)
     return dict(copy_gb_s=2 * n * 4 / copy_s / 1e9, matmul_tflop_s=2 * m**3 / matmul_s / 1e12)
 
 
@@ -177,8 +176,7 @@ def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) ->
             )
             return tokens
 
-        first = []
-        seconds = median_time(step, repeats, first)
+        seconds, first = median_time(step, repeats)
         kv_bytes = 2 * config.n_layers * batch * config.n_kv_heads * window * config.head_dim
         step_bytes = weight_bytes(params) + kv_bytes * dtype.itemsize
         rows.append(
@@ -191,7 +189,7 @@ def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) ->
                 tok_s=batch / seconds,
                 gb_s=step_bytes / seconds / 1e9,
                 share_of_copy_ceiling=step_bytes / seconds / 1e9 / copy_gb_s,
-                first_call_s=first[0],  # compilation + one step
+                first_call_s=first,  # compilation + one step
             )
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -216,8 +214,7 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
                 params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
             )[0]
 
-        first = []
-        seconds = median_time(run, repeats, first)
+        seconds, first = median_time(run, repeats)
         # 2 FLOPs per weight per token, plus causal attention (QK^T and PV: 2 * 2 * T^2 / 2
         # per head dimension and query head)
         flops = 2 * matrix_params * t
@@ -231,7 +228,7 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
                 tok_s=t / seconds,
                 tflop_s=flops / seconds / 1e12,
                 share_of_matmul_ceiling=flops / seconds / 1e12 / matmul_tflop_s,
-                first_call_s=first[0],
+                first_call_s=first,
             )
         )
         print(json.dumps(rows[-1]), flush=True)

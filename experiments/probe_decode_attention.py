@@ -6,7 +6,7 @@ cache stored [B, K, S, H]) or the cost of such products on this backend? Each va
 L chained layers of T = 1 grouped-query attention (one layer's output feeds the next layer's
 queries, as in the model), SmolLM2's head shapes, batch 8, a window of 256 positions:
 
-- "einsum (ours)": xla_attention's formulation on the cache layout the model keeps;
+- "ours (xla_attention)": the model's own call, on the cache layout the model keeps;
 - "K stored [B, K, H, S]": the score product reads keys with positions last;
 - "multiply-reduce": both products as a broadcast multiply and a sum;
 - "scores only" and "values only": one of the two products alone, to split the time.
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.attention.xla import MASK_VALUE, attention_mask
+from realm_jax.attention.xla import MASK_VALUE, attention_mask, xla_attention
+from realm_jax.kv_cache import window
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_decode_attention"
 SIZES = {
@@ -38,15 +39,23 @@ SIZES = {
 }
 
 
-def variants(valid: jax.Array, scale: float) -> dict:
-    """name -> (one layer's attention (q [B,K,G,H], k, v) -> [B,K,G,H], whether k is [B,K,H,S])."""
+def variants(lengths: jax.Array, window_len: int, scale: float) -> dict:
+    """name -> (one layer's attention (q [B,K,G,H], k, v) -> [B,K,G,H], whether k is [B,K,H,S]).
+
+    Keys and values are stored [B, K, S, H] as in `kv_cache` (or keys [B, K, H, S])."""
+    positions = lengths[:, None] - 1  # [B, 1]: each row's newest token
+    valid = attention_mask(positions, lengths, window_len)[:, None]  # [B, 1, 1, S]
 
     def softmax(scores):
         return jax.nn.softmax(jnp.where(valid, scores * scale, MASK_VALUE), axis=-1)
 
-    def einsum(q, k, v):
-        p = softmax(jnp.einsum("bkgh,bksh->bkgs", q, k))
-        return jnp.einsum("bkgs,bksh->bkgh", p, v)
+    def ours(q, k, v):  # the model's call: xla_attention on the cache's [B, S, K, H] view
+        b, kh, g, h = q.shape
+        out = xla_attention(
+            q.reshape(b, 1, kh * g, h), window(k, window_len), window(v, window_len),
+            positions, lengths,
+        )  # fmt: skip
+        return out.reshape(b, kh, g, h)
 
     def keys_transposed(q, kt, v):
         p = softmax(jnp.einsum("bkgh,bkhs->bkgs", q, kt))
@@ -64,7 +73,7 @@ def variants(valid: jax.Array, scale: float) -> dict:
         return jnp.einsum("bkgs,bksh->bkgh", p, v)
 
     return {
-        "einsum (ours)": (einsum, False),
+        "ours (xla_attention)": (ours, False),
         "K stored [B, K, H, S]": (keys_transposed, True),
         "multiply-reduce": (multiply_reduce, False),
         "scores only": (scores_only, False),
@@ -86,10 +95,9 @@ def run(tiny: bool) -> dict:
         jnp.asarray(rng.standard_normal((b, kh, s, h)), jnp.float32) for _ in range(layers)
     )
     lengths = jnp.full((b,), s - s // 8, jnp.int32)  # most of the window valid, as mid-decode
-    valid = attention_mask(lengths[:, None] - 1, lengths, s)[:, None]  # [B, 1, 1, S]
 
     calls = {}
-    for name, (layer, transposed) in variants(valid, 1.0 / h**0.5).items():
+    for name, (layer, transposed) in variants(lengths, s, 1.0 / h**0.5).items():
 
         def chain(q, ks, vs, layer=layer):
             for k, v in zip(ks, vs, strict=True):
@@ -97,7 +105,7 @@ def run(tiny: bool) -> dict:
             return q
 
         calls[name] = (jax.jit(chain), keys_t if transposed else keys)
-    reference = np.asarray(calls["einsum (ours)"][0](q0, keys, values))
+    reference = np.asarray(calls["ours (xla_attention)"][0](q0, keys, values))
     times = {name: [] for name in calls}
     max_diff = {}
     for name, (fn, ks) in calls.items():

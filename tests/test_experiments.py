@@ -148,7 +148,8 @@ def test_probe_decode_attention_tiny(tmp_path):
     result = json.loads((tmp_path / "probe_decode_attention.json").read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {
-        "einsum (ours)", "K stored [B, K, H, S]", "multiply-reduce", "scores only", "values only"
+        "ours (xla_attention)", "K stored [B, K, H, S]", "multiply-reduce",
+        "scores only", "values only",
     }  # fmt: skip
     assert all(row["ms"] > 0 for row in rows.values())
     atol, rtol = TOLERANCES[("float32", "op")]  # one float32 op's rounding, per layer
