@@ -7,6 +7,8 @@ L chained layers of T = 1 grouped-query attention (one layer's output feeds the 
 queries, as in the model), SmolLM2's head shapes, batch 8, a window of 256 positions:
 
 - "ours (xla_attention)": the model's own call, on the cache layout the model keeps;
+- "G, T as two free axes": the same function written as `xla_attention` was before change 10
+  (docs/results.md): queries [B, T, K, G, H], so each product has two free axes;
 - "K stored [B, K, H, S]": the score product reads keys with positions last;
 - "multiply-reduce": both products as a broadcast multiply and a sum;
 - "scores only" and "values only": one of the two products alone, to split the time.
@@ -57,6 +59,15 @@ def variants(lengths: jax.Array, window_len: int, scale: float) -> dict:
         )  # fmt: skip
         return out.reshape(b, kh, g, h)
 
+    def two_free_axes(q, k, v):
+        b, kh, g, h = q.shape
+        q5 = q.reshape(b, 1, kh, g, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q5, k) * scale
+        valid5 = valid[:, :, :, None]  # [B, 1, 1, T, S]
+        p = jax.nn.softmax(jnp.where(valid5, scores, MASK_VALUE), axis=-1)
+        p = jnp.where(valid5.any(axis=-1, keepdims=True), p, 0.0)
+        return jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(b, kh, g, h)
+
     def keys_transposed(q, kt, v):
         p = softmax(jnp.einsum("bkgh,bkhs->bkgs", q, kt))
         return jnp.einsum("bkgs,bksh->bkgh", p, v)
@@ -74,6 +85,7 @@ def variants(lengths: jax.Array, window_len: int, scale: float) -> dict:
 
     return {
         "ours (xla_attention)": (ours, False),
+        "G, T as two free axes": (two_free_axes, False),
         "K stored [B, K, H, S]": (keys_transposed, True),
         "multiply-reduce": (multiply_reduce, False),
         "scores only": (scores_only, False),

@@ -148,11 +148,11 @@ def test_probe_decode_attention_tiny(tmp_path):
     result = json.loads((tmp_path / "probe_decode_attention.json").read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {
-        "ours (xla_attention)", "K stored [B, K, H, S]", "multiply-reduce",
-        "scores only", "values only",
+        "ours (xla_attention)", "G, T as two free axes", "K stored [B, K, H, S]",
+        "multiply-reduce", "scores only", "values only",
     }  # fmt: skip
     assert all(row["ms"] > 0 for row in rows.values())
     atol, rtol = TOLERANCES[("float32", "op")]  # one float32 op's rounding, per layer
     bound = result["size"]["layers"] * (atol + rtol * result["max_abs_output"])
-    for name in ("K stored [B, K, H, S]", "multiply-reduce"):
+    for name in ("G, T as two free axes", "K stored [B, K, H, S]", "multiply-reduce"):
         assert rows[name]["max_abs_diff"] <= bound, name

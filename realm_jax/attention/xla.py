@@ -1,7 +1,7 @@
 """Attention in plain jnp: the reference path and the CPU implementation.
 
-Grouped-query attention without repeating K/V: queries are viewed as [B, T, K, G, H] so that
-each group of G query heads contracts against its one KV head.
+Grouped-query attention without repeating K/V: queries are regrouped as [B, K, G * T, H] so that
+each KV head's G query heads (and T queries) contract against that one head.
 """
 
 import jax
@@ -49,14 +49,22 @@ def xla_attention(
     """
     b, t, n, h = q.shape
     s, k = k_cache.shape[1], k_cache.shape[2]
-    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    g = n // k
+    # Each KV head's G query heads and T queries form one free axis of M = G * T rows: both
+    # products are then plain batched matmuls over (B, K). With G and T as two free axes,
+    # XLA's CPU dot ran a batch-8 decode's attention ~40% slower (probe_decode_attention.py).
+    q = jnp.transpose(q.reshape(b, t, k, g, h), (0, 2, 3, 1, 4)).reshape(b, k, g * t, h)
+    k_bksh = jnp.swapaxes(k_cache, 1, 2)  # [B, K, S, H]; the cache's stored layout
+    v_bksh = jnp.swapaxes(v_cache, 1, 2)
     scores = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q, k_cache, preferred_element_type=jnp.float32
-    )  # [B, K, G, T, S]
+        "BKMH,BKSH->BKMS", q, k_bksh, preferred_element_type=jnp.float32
+    ).reshape(b, k, g, t, s)
     scores = scores * (1.0 / float(h) ** 0.5)
     valid = attention_mask(q_positions, kv_lengths, s)[:, None, None]  # [B, 1, 1, T, S]
     scores = jnp.where(valid, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(valid.any(axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_cache.dtype), v_cache)  # [B,T,K,G,H]
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    out = jnp.einsum(
+        "BKMS,BKSH->BKMH", probs.reshape(b, k, g * t, s).astype(v_cache.dtype), v_bksh
+    ).reshape(b, k, g, t, h)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
