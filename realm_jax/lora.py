@@ -5,7 +5,7 @@ Axis letters as in `model.py`, plus R (LoRA rank) and M (adapters in a stack).
 An adapter touches some of a layer's matrices. `LoraAdapter.layers` mirrors `Params.layers`
 (a tuple of per-layer `LayerLora`, or one `LayerLora` with [L, ...] leaves), and each
 `LayerLora` field is named after the `LayerParams` leaf it changes (`wqkv`, `wo`, `w_gate_up`,
-`w_down`), holding a `LoraDelta` (a [*in, R], b [R, *out], scale [R]) or None when the
+`w_down`), holding a `LoraDelta` (a [R, *in], b [R, *out], scale [R]) or None when the
 adapter leaves that matrix alone. A leaf W is stored [*out, *in] (`model.LayerParams`); its
 delta is b contracted with a * scale over R, in W's [*out, *in] order. Q/K/V (and gate/up)
 are one fused leaf in `Params`, so their adapters fuse too: the q, k and v ranks sit side by
@@ -13,11 +13,11 @@ side on R, and b is block-structured (q's rank components write only the query h
 elsewhere), which lets each piece keep its own rank and scale.
 
 Three strategies, one forward (`model.forward`):
-- merged: `merge_adapter(params, adapter)` returns new Params with W + ((a * scale) @ b).T; the
-  base params stay untouched and reusable. (Written as products of row vectors,
-  y = x @ W.T + ((x @ a) * scale) @ b.)
+- merged: `merge_adapter(params, adapter)` returns new Params with
+  W + b.T @ (scale[:, None] * a); the base params stay untouched and reusable. (Written as
+  products of row vectors, y = x @ W.T + ((x @ a.T) * scale) @ b.)
 - unmerged and multi-adapter are one mechanism: `forward(..., lora=stack, adapter_ids=ids)`
-  adds ((x @ a[ids]) * scale[ids]) @ b[ids] inside each projection (`model.lora_delta`),
+  adds ((x @ a[ids].T) * scale[ids]) @ b[ids] inside each projection (`model.lora_delta`),
   where `stack` is a `LoraStack` of M adapters ([M, ...] per-layer leaves, ranks zero-padded
   to the largest) and each batch row picks its own by index. One adapter unmerged is a stack
   of M = 1 with ids all 0.
@@ -76,10 +76,11 @@ __all__ = [
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraDelta:
-    """The low-rank change of one weight: the product x @ W.T gains ((x @ a) * scale) @ b.
+    """The low-rank change of one weight: the product x @ W.T gains ((x @ a.T) * scale) @ b.
 
     Attributes:
-      a: [*in, R] down projection (the weight's input dims, then rank).
+      a: [R, *in] down projection (rank, then the weight's input dims: PEFT's lora_A order,
+        so that a stack's [M, R, *in] is one [M * R, in] matrix for `model.lora_delta`).
       b: [R, *out] up projection (rank, then the weight's output dims).
       scale: [R] per rank component (alpha / r of the piece it belongs to; 0 on padding).
     In a `LoraStack` every leaf gains a leading [M] axis (after [L] for stacked layers).
@@ -201,13 +202,13 @@ def adapter_from_tensors(
             items.sort(key=lambda item: item[0].offset)
             first = items[0][0]
             rank = sum(a.shape[0] for _, a, _, _ in items)
-            a_leaf = np.zeros((*first.in_dims, rank), np.float32)  # [*in, R]
+            a_leaf = np.zeros((rank, *first.in_dims), np.float32)  # [R, *in]
             b_leaf = np.zeros((rank, *first.leaf_out), np.float32)  # [R, *out]
             scale_leaf = np.zeros((rank,), np.float32)  # [R]
             start = 0
             for piece, a, b, scale in items:
                 r = a.shape[0]
-                a_leaf[..., start : start + r] = a.T.reshape(*piece.in_dims, r)
+                a_leaf[start : start + r] = a.reshape(r, *piece.in_dims)
                 span = slice(piece.offset, piece.offset + piece.out_dims[0])
                 b_leaf[start : start + r, span] = b.T.reshape(r, *piece.out_dims)
                 scale_leaf[start : start + r] = scale
@@ -271,13 +272,13 @@ def _pad(delta: LoraDelta, rank: int) -> LoraDelta:
         widths[axis] = (0, extra)
         return jnp.pad(x, widths)
 
-    return LoraDelta(pad(delta.a, -1), pad(delta.b, lead), pad(delta.scale, -1))
+    return LoraDelta(pad(delta.a, lead), pad(delta.b, lead), pad(delta.scale, -1))
 
 
 def _zeros(lead: tuple[int, ...], spec: tuple, rank: int) -> LoraDelta:
     in_dims, out_dims, dtype = spec
     return LoraDelta(
-        jnp.zeros((*lead, *in_dims, rank), dtype),
+        jnp.zeros((*lead, rank, *in_dims), dtype),
         jnp.zeros((*lead, rank, *out_dims), dtype),
         jnp.zeros((*lead, rank), dtype),
     )
@@ -292,7 +293,7 @@ def _specs(layer_lists: Sequence[Sequence[LayerLora]], lead: int) -> dict[str, t
                 d = getattr(layer, leaf)
                 if d is None:
                     continue
-                spec = (d.a.shape[lead:-1], d.b.shape[lead + 1 :], d.a.dtype)
+                spec = (d.a.shape[lead + 1 :], d.b.shape[lead + 1 :], d.a.dtype)
                 if leaf in specs and specs[leaf][0] != spec:
                     raise AdapterError(
                         f"adapters disagree on {leaf}: {specs[leaf][0]} vs {spec} (different "
@@ -417,24 +418,24 @@ def check_adapter(adapter: LoraAdapter, params: Params, config: ModelConfig) -> 
                 continue
             piece = next(p for p in pieces.values() if p.leaf == leaf)
             fits = (
-                d.a.shape == (*piece.in_dims, d.rank)
+                d.a.shape == (d.rank, *piece.in_dims)
                 and d.b.shape == (d.rank, *piece.leaf_out)
                 and d.a.dtype == d.b.dtype == d.scale.dtype == dtype
             )
             if not fits:
                 raise AdapterError(
                     f"adapter layer {i} {leaf}: a {d.a.shape} {d.a.dtype}, b {d.b.shape} does "
-                    f"not fit the model (a [*{piece.in_dims}, R], b [R, *{piece.leaf_out}], "
+                    f"not fit the model (a [R, *{piece.in_dims}], b [R, *{piece.leaf_out}], "
                     f"{dtype})"
                 )
 
 
 def _delta_weight(delta: LoraDelta) -> jax.Array:
     """The weight's delta in its stored [*out, *in] layout, in float32: b [R, *out] and
-    a * scale [*in, R] contracted over R."""
+    a * scale [R, *in] contracted over R."""
     a, b, scale = (x.astype(jnp.float32) for x in (delta.a, delta.b, delta.scale))
-    scaled_a = a * scale.reshape((1,) * (a.ndim - 1) + scale.shape)  # [*in, R]
-    return jnp.tensordot(b, scaled_a, axes=((0,), (a.ndim - 1,)), precision="highest")
+    scaled_a = a * scale.reshape(scale.shape + (1,) * (a.ndim - 1))  # [R, *in]
+    return jnp.tensordot(b, scaled_a, axes=((0,), (0,)), precision="highest")
 
 
 @jax.jit
@@ -453,7 +454,7 @@ def _merge_weights(
 
 
 def merge_adapter(params: Params, adapter: LoraAdapter) -> Params:
-    """New params with the adapter merged: W + ((a * scale) @ b).T for every touched weight.
+    """New params with the adapter merged: W + b.T @ (scale[:, None] * a) per touched weight.
 
     The base `params` are not modified and untouched leaves are shared, not copied. The sum is
     formed in float32; for bfloat16 weights it is then rounded to bfloat16, which can lose a
@@ -474,7 +475,7 @@ def merge_adapter(params: Params, adapter: LoraAdapter) -> Params:
         weights = {f: getattr(layer, f) for f in touched}
         for f, d in touched.items():
             lead = d.scale.ndim - 1
-            want = (*d.a.shape[:lead], *d.b.shape[lead + 1 :], *d.a.shape[lead:-1])
+            want = (*d.a.shape[:lead], *d.b.shape[lead + 1 :], *d.a.shape[lead + 1 :])
             if tuple(weights[f].shape) != want:
                 raise AdapterError(
                     f"adapter {f}: a {d.a.shape}, b {d.b.shape} do not fit the weight "

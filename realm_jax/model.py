@@ -208,11 +208,22 @@ def linear(x: jax.Array, w: jax.Array, in_axes: int = 1, out_dtype=None) -> jax.
 
 
 def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.Array:
-    """((x @ a) * scale) @ b with each row's own adapter from a stack of M.
+    """((x @ a.T) * scale) @ b with each row's own adapter from a stack of M.
+
+    Two forms of the same sum, chosen statically by the stack's size M against the batch's
+    B rows:
+    - M <= 2 B (one adapter unmerged, or a serving stack up to twice the batch): every row
+      against all M adapters at once. The stack's a [M, R, *in] is one [M * R, in] matrix in
+      the [out, in] order of the base weights, so this is one product, then each row keeps
+      only its own adapter's R columns (the others set to 0) and one [M * R, out] product
+      adds them up. It reads the whole stack once.
+    - M > 2 B: each row's a and b are gathered ([B, R, in], [B, R, out]), then two batched
+      products. It reads only the rows' own adapters, so it does not grow with M; but it
+      reads each of them twice and writes it once (the gathered copy), hence the factor 2.
 
     Args:
       x: [B, T, *in] the projection's input.
-      delta: a stacked `lora.LoraDelta`: a [M, *in, R], b [M, R, *out], scale [M, R].
+      delta: a stacked `lora.LoraDelta`: a [M, R, *in], b [M, R, *out], scale [M, R].
       adapter_ids: [B] int32 in 0..M-1, the adapter of each row (clamped into that range).
 
     Returns:
@@ -226,15 +237,21 @@ def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.
     b, t = x.shape[:2]
     m, r = delta.scale.shape
     out_dims = delta.b.shape[2:]
+    ids = jnp.clip(adapter_ids, 0, m - 1)  # callers validate ids; clamp like mode="clip"
+    if m <= 2 * b:
+        low = linear(x, delta.a.reshape(m * r, *delta.a.shape[2:]), x.ndim - 2)  # [B, T, M*R]
+        own = (ids[:, None] == jnp.arange(m, dtype=ids.dtype)[None, :])[:, :, None]  # [B, M, 1]
+        scale = jnp.where(own, delta.scale[None], 0.0).reshape(b, 1, m * r)  # [B, 1, M * R]
+        # where, not a multiply: another adapter's inf or NaN must not reach this row
+        low = jnp.where(scale != 0.0, low * scale.astype(low.dtype), 0.0)
+        w_up = delta.b.reshape(m * r, -1)  # [M * R, O]
+        out = jnp.einsum("BTM,MO->BTO", low, w_up)
+        return out.reshape(b, t, *out_dims)
     x = x.reshape(b, t, -1)  # [B, T, I]
-    # mode="clip": ids are clamped into 0..M-1 (callers validate them). The default "fill"
-    # mode selects NaN for out-of-range ids, an extra pass over the stack; with "clip" XLA
-    # turns the gather from an M = 1 stack into a bitcast, so one adapter unmerged costs no
-    # copy. With M > 1 each row's a and b are gathered ([B, I, R], [B, R, O]).
-    a = jnp.take(delta.a.reshape(m, -1, r), adapter_ids, axis=0, mode="clip")  # [B, I, R]
-    w_up = jnp.take(delta.b.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, O]
-    scale = jnp.take(delta.scale, adapter_ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
-    low = jnp.einsum("BTI,BIR->BTR", x, a) * scale  # [B, T, R]
+    a = jnp.take(delta.a.reshape(m, r, -1), ids, axis=0, mode="clip")  # [B, R, I]
+    w_up = jnp.take(delta.b.reshape(m, r, -1), ids, axis=0, mode="clip")  # [B, R, O]
+    scale = jnp.take(delta.scale, ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
+    low = jnp.einsum("BTI,BRI->BTR", x, a) * scale  # [B, T, R]
     return jnp.einsum("BTR,BRO->BTO", low, w_up).reshape(b, t, *out_dims)  # [B, T, *out]
 
 
@@ -315,7 +332,7 @@ def forward(
         kv_lengths); None reads the whole capacity.
       implementation: attention implementation (see `rj.attention`).
       lora: optional `lora.LoraStack` of M adapters ([M, ...] per-layer leaves, in the
-        params' layer layout); each projection adds ((x @ a) * scale) @ b of the row's
+        params' layer layout); each projection adds ((x @ a.T) * scale) @ b of the row's
         adapter. None (the default) adds no ops at all.
       adapter_ids: [B] int32 in 0..M-1, each row's adapter in `lora` (None: all 0).
 

@@ -266,7 +266,8 @@ def _batch_logits(model, rows, stack, ids):
 def test_multi_adapter_rows_equal_rows_alone(synthetic):
     """One batch, rows of different adapters and base rows (slot 0): each row matches the
     reference with its own adapter and the row run alone, and is bitwise independent of its
-    neighbours (their prompts and adapters)."""
+    neighbours (their prompts and adapters). The batch (7 rows, a stack of 5) takes
+    `lora_delta`'s dense form, each row alone in the same stack its gathered form."""
     model, _, tensors, adapters = synthetic
     names = list(ADAPTERS)
     loaded = [rj.load_adapter(adapters[n][0], model) for n in names]
@@ -284,6 +285,8 @@ def test_multi_adapter_rows_equal_rows_alone(synthetic):
         alone = rj.logits(model, row, adapter=adapter, lora_strategy="unmerged")
         assert_close(got, alone, what=f"row {b} vs alone")
         np.testing.assert_array_equal(got.argmax(-1), alone.argmax(-1))
+        gathered = _batch_logits(model, [row], stack, [slot])[0, : len(row)]  # M = 5 > 2 B
+        assert_close(gathered, want, what=f"row {b} (slot {slot}) alone in the stack")
     # Neighbours: other prompts and other adapters around row 2; row 2 is bitwise unchanged.
     others = [_ids(90 + b, length=12) for b in range(len(rows))]
     mixed = others[:2] + [rows[2]] + others[3:]
