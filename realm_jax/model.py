@@ -237,20 +237,20 @@ def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.
     b, t = x.shape[:2]
     m, r = delta.scale.shape
     out_dims = delta.b.shape[2:]
-    ids = jnp.clip(adapter_ids, 0, m - 1)  # callers validate ids; clamp like mode="clip"
     if m <= 2 * b:
         low = linear(x, delta.a.reshape(m * r, *delta.a.shape[2:]), x.ndim - 2)  # [B, T, M*R]
-        own = (ids[:, None] == jnp.arange(m, dtype=ids.dtype)[None, :])[:, :, None]  # [B, M, 1]
-        scale = jnp.where(own, delta.scale[None], 0.0).reshape(b, 1, m * r)  # [B, 1, M * R]
-        # where, not a multiply: another adapter's inf or NaN must not reach this row
-        low = jnp.where(scale != 0.0, low * scale.astype(low.dtype), 0.0)
+        ids = jnp.clip(adapter_ids, 0, m - 1)  # as the gather's mode="clip" below
+        own = ids[:, None, None] == jnp.arange(m, dtype=ids.dtype)[None, :, None]  # [B, M, 1]
+        own = jnp.broadcast_to(own, (b, m, r)).reshape(b, 1, m * r)  # [B, 1, M * R]
+        # where, not a multiply by 0: another adapter's inf or NaN must not reach this row
+        low = jnp.where(own, low * delta.scale.reshape(1, 1, m * r), 0.0)
         w_up = delta.b.reshape(m * r, -1)  # [M * R, O]
         out = jnp.einsum("BTM,MO->BTO", low, w_up)
         return out.reshape(b, t, *out_dims)
     x = x.reshape(b, t, -1)  # [B, T, I]
-    a = jnp.take(delta.a.reshape(m, r, -1), ids, axis=0, mode="clip")  # [B, R, I]
-    w_up = jnp.take(delta.b.reshape(m, r, -1), ids, axis=0, mode="clip")  # [B, R, O]
-    scale = jnp.take(delta.scale, ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
+    a = jnp.take(delta.a.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, I]
+    w_up = jnp.take(delta.b.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, O]
+    scale = jnp.take(delta.scale, adapter_ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
     low = jnp.einsum("BTI,BRI->BTR", x, a) * scale  # [B, T, R]
     return jnp.einsum("BTR,BRO->BTO", low, w_up).reshape(b, t, *out_dims)  # [B, T, *out]
 
