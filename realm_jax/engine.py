@@ -254,8 +254,18 @@ class Engine:
         return request.request_id
 
     def cancel(self, request_id: int) -> None:
-        """End a request with the tokens it has so far (at the next step; unknown or finished
-        ids are ignored)."""
+        """End a request with the tokens it has so far (at the next step; a finished one is
+        left as it is).
+
+        Raises:
+          RequestError: `request_id` was never returned by this engine's `submit`.
+        """
+        known = isinstance(request_id, int | np.integer) and not isinstance(request_id, bool)
+        if not (known and 0 <= request_id < self._next_id):
+            raise RequestError(
+                f"cancel: unknown request id {request_id!r} (this engine has issued ids "
+                f"0..{self._next_id - 1})"
+            )
         if request_id in self._requests:
             self._requests[request_id].cancelled = True
 

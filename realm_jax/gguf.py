@@ -108,8 +108,10 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
       GGUFError: the file is missing, not GGUF, truncated or malformed.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise GGUFError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: not a file (a GGUF model is one file)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

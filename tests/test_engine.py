@@ -145,6 +145,12 @@ def test_bad_requests_fail_alone(model):
     assert [results[i] for i in ids] == [_alone(model, [good[i % 3]])[0] for i in range(len(ids))]
     with pytest.raises(rj.RequestError):
         rj.Sampling(temperature=-1.0)
+    for never_issued in (-1, len(ids), "0", True):  # finished ids (all of `ids`) are accepted
+        with pytest.raises(rj.RequestError, match="unknown request id"):
+            engine.cancel(never_issued)
+    for rid in ids:
+        engine.cancel(rid)
+    assert engine.pending == 0 and engine.run() == {}  # nothing left to run or to end again
 
 
 def test_engine_sizes_are_validated(model):

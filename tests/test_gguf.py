@@ -77,6 +77,8 @@ def test_tensors_round_trip(tmp_path, tied):
 def test_not_a_file(tmp_path):
     with pytest.raises(GGUFError, match="no such file"):
         rj.load_model(tmp_path / "missing.gguf")
+    with pytest.raises(GGUFError, match="not a file"):
+        rj.load_model(tmp_path)  # a folder
 
 
 def test_not_gguf(tmp_path):
