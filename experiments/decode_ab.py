@@ -9,7 +9,8 @@ over minutes). So each tree is measured in its own process, the trees take turns
     python experiments/decode_ab.py --trees /tmp/before . --out experiments/results/decode_ab
     python experiments/decode_ab.py --tiny --trees . .     # smoke run on a random tiny model
 
-Per tree and round: `batching.decode_step` at batch 1 and 8, greedy and sampled (temperature
+Per tree and round: `rj.load_model` (the GGUF read, dequantized and put on the device), then
+`batching.decode_step` at batch 1 and 8, greedy and sampled (temperature
 0.7, top-k 40, top-p 0.95), on a cache filled to 128 positions with a 256-position window; and
 `batching.prefill_step` for prompts of several lengths at batch 1 (a short "prompt" is also
 what a speculative verify of k + 1 tokens costs). The trees must share these functions'
@@ -58,7 +59,10 @@ def measure(tree: str, tiny: bool) -> dict:
         from realm_jax.cli import default_model_path
 
         path = default_model_path()
+    jax.devices()  # the backend's start-up, outside the load's time
+    start = time.perf_counter()
     model = rj.load_model(path)
+    load_ms = {"model": 1e3 * (time.perf_counter() - start)}
     config, params = model.config, model.params
 
     def timed(fn, repeats):
@@ -70,7 +74,7 @@ def measure(tree: str, tiny: bool) -> dict:
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)
 
-    result = {"tree": tree, "decode_ms": {}, "prefill_ms": {}}
+    result = {"tree": tree, "load_ms": load_ms, "decode_ms": {}, "prefill_ms": {}}
     for batch in plan["batches"]:
         zeros, active = jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool)
         for mode, sampling in (("greedy", Sampling()), ("sampled", Sampling(**SAMPLED))):
@@ -119,7 +123,7 @@ def run(trees: list[str], rounds: int, tiny: bool, log=print) -> dict:
     rows = []
     for tree, results in per_tree.items():
         row = {"tree": tree, "revision": _revision(tree)}
-        for kind in ("decode_ms", "prefill_ms"):
+        for kind in ("load_ms", "decode_ms", "prefill_ms"):
             row[kind] = {
                 name: statistics.median(r[kind][name] for r in results) for name in results[0][kind]
             }
@@ -137,11 +141,12 @@ def _revision(tree: str) -> str:
 
 def markdown(result: dict) -> str:
     first = result["rows"][0]
-    names = [("decode_ms", n) for n in first["decode_ms"]]
+    names = [("load_ms", n) for n in first["load_ms"]]
+    names += [("decode_ms", n) for n in first["decode_ms"]]
     names += [("prefill_ms", n) for n in first["prefill_ms"]]
     lines = [
         f"{result['rounds']} alternated rounds; ms, median over rounds "
-        "(decode: per step; prefill: per prompt at batch 1).",
+        "(load: `rj.load_model`; decode: per step; prefill: per prompt at batch 1).",
         "",
         "| tree | revision | " + " | ".join(f"{k[:-3]} {n}" for k, n in names) + " |",
         "|---|---|" + "---|" * len(names),

@@ -126,7 +126,10 @@ def test_decode_ab_tiny(tmp_path):
     modes = ("greedy", "sampled")
     assert set(row["decode_ms"]) == {f"batch {b} {m}" for b in (1, 2) for m in modes}
     assert set(row["prefill_ms"]) == {"5 tokens"}
-    assert all(v > 0 for v in [*row["decode_ms"].values(), *row["prefill_ms"].values()])
+    assert all(
+        v > 0
+        for v in [*row["load_ms"].values(), *row["decode_ms"].values(), *row["prefill_ms"].values()]
+    )
     assert "| . |" in (tmp_path / "decode_ab.md").read_text()
 
 

@@ -11,7 +11,7 @@ import pytest
 import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.errors import GGUFError, UnsupportedModelError
-from realm_jax.gguf import read_gguf
+from realm_jax.gguf import open_gguf, read_gguf
 from realm_jax.testing import random_tensors, write_gguf
 
 CONFIG = tiny(vocab_size=300)
@@ -72,6 +72,20 @@ def test_tensors_round_trip(tmp_path, tied):
     assert set(contents.tensors) == set(tensors)
     for name, array in tensors.items():
         np.testing.assert_array_equal(contents.tensors[name], array, err_msg=name)
+
+
+def test_reader_parses_as_gguf_py_does(good_file):
+    """open_gguf's reader (plain-ndarray view of the map) gives gguf-py's fields and tensors."""
+    ours, theirs = open_gguf(good_file), gguf.GGUFReader(good_file, "r")
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and a.shape.tolist() == b.shape.tolist()
+        np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
 
 
 def test_not_a_file(tmp_path):
