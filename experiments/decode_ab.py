@@ -9,9 +9,9 @@ over minutes). So each tree is measured in its own process, the trees take turns
     python experiments/decode_ab.py --trees /tmp/before . --out experiments/results/decode_ab
     python experiments/decode_ab.py --tiny --trees . .     # smoke run on a random tiny model
 
-Per tree and round: `rj.load_model` (the GGUF read, dequantized and put on the device), then
-`batching.decode_step` at batch 1 and 8, greedy and sampled (temperature
-0.7, top-k 40, top-p 0.95), on a cache filled to 128 positions with a 256-position window; and
+Per tree and round: `rj.load_model` (the GGUF read, dequantized and put on the device); then
+`batching.decode_step` at batch 1 and 8, greedy and sampled (temperature 0.7, top-k 40, top-p
+0.95), on a cache filled to 128 positions with a 256-position window; and
 `batching.prefill_step` for prompts of several lengths at batch 1 (a short "prompt" is also
 what a speculative verify of k + 1 tokens costs). The trees must share these functions'
 signatures. Compilation is excluded (each shape runs once first).
