@@ -129,14 +129,17 @@ def random_params(config: ModelConfig, dtype, seed: int = 0) -> Params:
     def normal(rng, shape):
         return (0.02 * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
 
-    layers = []
-    for i in range(c.n_layers):
-        rngs = jax.random.split(jax.random.fold_in(rng, i), len(layer_shapes))
+    @jax.jit
+    def layer(rng):  # one program for every layer (the eager calls compiled one per shape)
+        rngs = jax.random.split(rng, len(layer_shapes))
         leaves = {k: normal(r, s) for r, (k, s) in zip(rngs, layer_shapes.items(), strict=True)}
         ones = jnp.ones((c.dim,), dtype)
-        layers.append(LayerParams(attn_norm=ones, ffn_norm=ones, **leaves))
-    embed = normal(jax.random.fold_in(rng, 1 << 20), (c.vocab_size, c.dim))
-    output = normal(jax.random.fold_in(rng, (1 << 20) + 1), (c.vocab_size, c.dim))
+        return LayerParams(attn_norm=ones, ffn_norm=ones, **leaves)
+
+    layers = [layer(jax.random.fold_in(rng, i)) for i in range(c.n_layers)]
+    vocab = jax.jit(normal, static_argnums=1)
+    embed = vocab(jax.random.fold_in(rng, 1 << 20), (c.vocab_size, c.dim))
+    output = vocab(jax.random.fold_in(rng, (1 << 20) + 1), (c.vocab_size, c.dim))
     return Params(
         embed=embed, layers=tuple(layers), final_norm=jnp.ones((c.dim,), dtype), output=output
     )

@@ -54,7 +54,7 @@ from realm_jax.lora_files import (
     lora_pieces,
     read_adapter_tensors,
 )
-from realm_jax.model import Params
+from realm_jax.model import Params, stack_trees
 
 __all__ = [
     "LayerLora",
@@ -257,7 +257,7 @@ def _layer_list(layers: LayerLora | tuple[LayerLora, ...]) -> list[LayerLora]:
 
 def _stack_layer_list(layers: Sequence[LayerLora]) -> LayerLora:
     """One `LayerLora` with [L, ...] leaves from per-layer ones of equal structure."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return stack_trees(tuple(layers))
 
 
 def _pad(delta: LoraDelta, rank: int) -> LoraDelta:

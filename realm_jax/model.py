@@ -139,12 +139,20 @@ def params_from_tensors(
     )
 
 
+@jax.jit
+def stack_trees(trees):
+    """Pytrees of one structure and shapes -> one pytree whose leaves gain a leading axis.
+
+    One jitted program per (count, structure, shapes), where `jax.tree.map(jnp.stack, ...)`
+    compiles a program per distinct leaf shape (a LoRA stack has ~12 per adapter count)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def stack_layers(params: Params) -> Params:
     """Return `params` with a tuple of layers turned into [L, ...] leaves."""
     if not isinstance(params.layers, tuple):
         return params
-    layers = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
-    return dataclasses.replace(params, layers=layers)
+    return dataclasses.replace(params, layers=stack_trees(params.layers))
 
 
 def unstack_layers(params: Params) -> Params:
