@@ -94,19 +94,30 @@ def _info(args: argparse.Namespace) -> None:
     reader = open_gguf(path)
     metadata = read_metadata(reader, path)
     names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf_metadata(metadata, tied_embeddings="output.weight" not in names)
+    adapter = metadata.get("general.type") == "adapter"  # a llama.cpp GGUF LoRA
+    if not adapter:
+        config = ModelConfig.from_gguf_metadata(
+            metadata, tied_embeddings="output.weight" not in names
+        )
     print(f"file: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     print(
         f"name: {metadata.get('general.name', '?')}  architecture: "
-        f"{metadata['general.architecture']}"
+        f"{metadata.get('general.architecture', '?')}"
     )
-    for field in config.__dataclass_fields__:
-        print(f"  {field}: {getattr(config, field)}")
-    print(
-        f"tokenizer: {metadata.get('tokenizer.ggml.model')} "
-        f"(pre {metadata.get('tokenizer.ggml.pre', 'default')}), "
-        f"chat template: {'yes' if 'tokenizer.chat_template' in metadata else 'no'}"
-    )
+    if adapter:
+        print(
+            f"adapter: {metadata.get('adapter.type', '?')}, alpha "
+            f"{metadata.get('adapter.lora.alpha', 'absent (read as 0: scale 1)')} "
+            "(load it with rj.load_adapter)"
+        )
+    else:
+        for field in config.__dataclass_fields__:
+            print(f"  {field}: {getattr(config, field)}")
+        print(
+            f"tokenizer: {metadata.get('tokenizer.ggml.model')} "
+            f"(pre {metadata.get('tokenizer.ggml.pre', 'default')}), "
+            f"chat template: {'yes' if 'tokenizer.chat_template' in metadata else 'no'}"
+        )
     by_type = collections.defaultdict(lambda: [0, 0, 0])
     for t in reader.tensors:
         row = by_type[t.tensor_type.name]
@@ -141,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.set_defaults(run=_generate)
-    info = commands.add_parser("info", help="print a GGUF model's config and tensor table")
+    info = commands.add_parser(
+        "info", help="print a GGUF model's config (a LoRA's adapter keys) and tensor table"
+    )
     info.add_argument("model")
     info.add_argument("--tensors", action="store_true", help="list every tensor")
     info.set_defaults(run=_info)

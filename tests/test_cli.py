@@ -1,10 +1,13 @@
 """The command line on a tiny synthetic model: generate streams text and reports speeds,
-info prints the config and tensor table, and errors are one line without a traceback."""
+info prints the config (or a LoRA file's adapter keys) and tensor table, and errors are one
+line without a traceback."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from test_lora import write_gguf_lora
 
 from realm_jax.cli import main
 from realm_jax.config import tiny
@@ -67,6 +70,24 @@ def test_info(tiny_gguf, capsys):
     assert main(["info", str(tiny_gguf), "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "n_layers: 2" in out and "Q8_0" in out and "blk.1.ffn_down.weight" in out
+
+
+def test_info_on_a_gguf_lora(tmp_path, capsys):
+    """A llama.cpp LoRA file has no model config: info shows its adapter keys and tensors."""
+    path = tmp_path / "lora.gguf"
+    rank, dim = 4, tiny(vocab_size=300).dim
+    write_gguf_lora(
+        path,
+        {
+            "blk.0.attn_q.weight.lora_a": np.ones((rank, dim)),
+            "blk.0.attn_q.weight.lora_b": np.ones((dim, rank)),
+        },
+        alpha=8.0,
+    )
+    assert main(["info", str(path), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter: lora, alpha 8.0" in out and "n_layers" not in out
+    assert "tensors: 2" in out and "blk.0.attn_q.weight.lora_b" in out
 
 
 @pytest.mark.parametrize(
