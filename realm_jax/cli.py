@@ -47,8 +47,26 @@ def _generate(args: argparse.Namespace) -> None:
         )
     ids = tokenizer.encode(prompt)
     options = dict(
-        max_new_tokens=args.max_tokens, sampling=sampling, seed=args.seed, stop_at_eos=True
+        max_new_tokens=args.max_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        stop_at_eos=True,
+        implementation=args.attention,
     )
+    if args.adapter:
+        options["adapter"] = rj.load_adapter(args.adapter, model)
+    if args.lora_strategy:
+        options["lora_strategy"] = args.lora_strategy
+    stats = None
+    if args.draft_layers:
+        from realm_jax.speculative_generation import SpeculativeStats
+
+        stats = SpeculativeStats()
+        options.update(
+            draft=rj.layer_skip_draft(model, args.draft_layers),
+            num_draft_tokens=args.num_draft_tokens,
+            stats=stats,
+        )
     # Warm-up: compile both steps for these shapes, so the speeds below exclude compilation.
     start = time.perf_counter()
     for produced, _ in enumerate(rj.stream(model, ids, **options)):
@@ -84,6 +102,13 @@ def _generate(args: argparse.Namespace) -> None:
         f"decode: {count} tokens, {decode_rate:.1f} tok/s",
         file=sys.stderr,
     )
+    if stats is not None and stats.target_calls:
+        print(
+            f"speculative: draft of {args.draft_layers} layers, k = {args.num_draft_tokens}: "
+            f"{stats.accepted} of {stats.drafted} draft tokens accepted, "
+            f"{stats.tokens_per_call:.2f} tokens per target call",
+            file=sys.stderr,
+        )
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -151,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--adapter", help="a LoRA adapter: PEFT folder or llama.cpp GGUF LoRA file")
+    gen.add_argument(
+        "--lora-strategy",
+        choices=["merged", "unmerged"],
+        help="how --adapter runs (default: rj.generate's, merged)",
+    )
+    gen.add_argument(
+        "--draft-layers",
+        type=int,
+        default=0,
+        help="speculative decoding with the model's first N layers as the draft (0 = off)",
+    )
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="k, draft tokens per step")
+    gen.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
     gen.set_defaults(run=_generate)
     info = commands.add_parser(
         "info", help="print a GGUF model's config (a LoRA's adapter keys) and tensor table"

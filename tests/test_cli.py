@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_lora import write_gguf_lora
 
+import realm_jax as rj
 from realm_jax.cli import main
 from realm_jax.config import tiny
 from realm_jax.testing import random_tensors, write_gguf
@@ -64,6 +65,43 @@ def test_generate_is_reproducible(tiny_gguf, capsys):
     first = capsys.readouterr().out
     main(args)
     assert capsys.readouterr().out == first
+
+
+def test_generate_passes_adapter_and_draft_through(tiny_gguf, tmp_path, capsys):
+    """--adapter and --draft-layers reach the generation: the printed text is rj.generate's."""
+    model = rj.load_model(tiny_gguf)
+    c, rng = model.config, np.random.default_rng(0)
+    lora = tmp_path / "lora.gguf"
+    write_gguf_lora(
+        lora,
+        {
+            "blk.0.ffn_down.weight.lora_a": rng.standard_normal((4, c.ffn_dim)),
+            "blk.0.ffn_down.weight.lora_b": 3.0 * rng.standard_normal((c.dim, 4)),
+        },
+        alpha=8.0,
+    )
+    ids = model.tokenizer.encode("hello")
+
+    def printed(tokens):  # what _generate writes for these tokens
+        decoder, text = model.tokenizer.decode_stream(), "hello"
+        for token in tokens:
+            if token == model.tokenizer.eos_id:
+                break
+            text += decoder.push(token)
+        return text + "\n"
+
+    base = rj.generate(model, ids, 8)
+    tuned = rj.generate(model, ids, 8, adapter=rj.load_adapter(lora, model))
+    assert tuned != base  # the adapter changes the greedy output, so the check below can fail
+    for flags, expected in [
+        (["--adapter", str(lora), "--lora-strategy", "unmerged"], tuned),
+        (["--draft-layers", "1", "--num-draft-tokens", "2"], base),  # greedy: lossless
+    ]:
+        argv = ["generate", "--model", str(tiny_gguf), "--prompt", "hello", "--max-tokens", "8"]
+        assert main(argv + flags) == 0
+        out, err = capsys.readouterr()
+        assert out == printed(expected), flags
+    assert "speculative: draft of 1 layers, k = 2:" in err
 
 
 def test_info(tiny_gguf, capsys):
