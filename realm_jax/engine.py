@@ -260,8 +260,11 @@ class Engine:
         Raises:
           RequestError: `request_id` was never returned by this engine's `submit`.
         """
-        known = isinstance(request_id, int | np.integer) and not isinstance(request_id, bool)
-        if not (known and 0 <= request_id < self._next_id):
+        if (
+            isinstance(request_id, bool)
+            or not isinstance(request_id, (int, np.integer))
+            or not 0 <= request_id < self._next_id
+        ):
             raise RequestError(
                 f"cancel: unknown request id {request_id!r} (this engine has issued ids "
                 f"0..{self._next_id - 1})"
