@@ -351,6 +351,16 @@ def run(
         models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
     models = {name: model for name, model in models.items() if selected(name, only)}
     ends = (batches[0], batches[-1])
+
+    def attempt(what, rows, *args, **kwargs) -> list[dict]:
+        """rows(*args, **kwargs); a failure (e.g. out of memory) is recorded and gives no
+        rows, so one layout's failure keeps the model's other rows."""
+        try:
+            return rows(*args, **kwargs)
+        except Exception:
+            result["errors"][what] = traceback.format_exc()
+            return []
+
     for name, (config, main_stacked) in models.items():
         checkpoint(f"decode/prefill {name}")
         try:
@@ -363,17 +373,20 @@ def run(
                 copy_gb_s=copy_gb_s,
             )  # fmt: skip
             if main_stacked:  # the unrolled rows first, so one layout is in memory at a time
-                result["decode"] += decode(params, ends)
+                result["decode"] += attempt(f"decode unrolled {name}", decode, params, ends)
                 params = stack_layers(params)
-                result["decode"] += decode(params, batches)
+                result["decode"] += attempt(f"decode stacked {name}", decode, params, batches)
             else:
-                result["decode"] += decode(params, batches)
-                result["decode"] += decode(stack_layers(params), ends)
-            result["prefill"] += prefill_rows(
-                name, params, config, lengths, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
-            )
+                result["decode"] += attempt(f"decode unrolled {name}", decode, params, batches)
+                stacked = stack_layers(params)
+                result["decode"] += attempt(f"decode stacked {name}", decode, stacked, ends)
+                del stacked
+            result["prefill"] += attempt(
+                f"prefill {name}", prefill_rows, name, params, config, lengths,
+                repeats=max(3, repeats // 3), matmul_tflop_s=matmul,
+            )  # fmt: skip
             del params
-        except Exception:  # one model's failure (e.g. memory) must not lose the rest
+        except Exception:  # the model's weights could not be made or stacked
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
     result["seconds"]["decode_prefill"] = time.perf_counter() - start
     for part, kwargs in PARTS.items():
