@@ -160,27 +160,28 @@ def weight_bytes(params: Params) -> int:
 
 
 def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) -> list[dict]:
-    """ms per decode step at each batch size, with a cache of `window` positions per row."""
+    """ms per decode step at each batch size, reading a cache window of `window` positions.
+
+    The timed call is the step alone, as in a decode loop: the rows' lengths start
+    `repeats` + 2 short of the window and grow by one per step (no host work between steps;
+    an eager reset of the lengths there would be timed too)."""
     rows = []
     stacked = not isinstance(params.layers, tuple)
     dtype = params.embed.dtype
     for batch in batches:
         cache = init_cache(config, batch, window, dtype, stacked=stacked)
-        cache = dataclasses.replace(cache, lengths=jnp.full((batch,), window - 1, jnp.int32))
+        start = window - repeats - 2  # the warm-up and timed steps end at window - 1
+        cache = dataclasses.replace(cache, lengths=jnp.full((batch,), start, jnp.int32))
         sampling = SamplingParams.from_rows([Sampling()] * batch)
         zeros = jnp.zeros((batch,), jnp.int32)
         active = jnp.ones((batch,), bool)
         state = {"cache": cache}
 
         def step(state=state, sampling=sampling, zeros=zeros, active=active):
-            tokens, _, cache = decode_step(
+            tokens, _, state["cache"] = decode_step(
                 params, zeros, active, state["cache"], sampling, zeros, zeros,
                 config=config, attn_len=window,
             )  # fmt: skip
-            # roll the length back so every timed step reads the same window
-            state["cache"] = dataclasses.replace(
-                cache, lengths=cache.lengths - active.astype(jnp.int32)
-            )
             return tokens
 
         seconds, first = median_time(step, repeats)
@@ -204,6 +205,18 @@ def decode_rows(name, params, batches, *, config, window, repeats, copy_gb_s) ->
     return rows
 
 
+@functools.partial(jax.jit, static_argnames=("config", "stacked"))
+def prefill_fresh(params, tokens, n, sampling, zeros, *, config, stacked):
+    """`prefill_step`'s first token for one prompt into a new cache of its length: the cache is
+    made inside the program, so a timed call is one dispatch (eagerly, an unrolled cache is
+    2 * L separate arrays, each its own dispatch)."""
+    t = tokens.shape[1]
+    cache = init_cache(config, 1, t, params.embed.dtype, stacked=stacked)
+    return prefill_step(
+        params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
+    )[0]
+
+
 def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> list[dict]:
     """Tokens/s of one prompt of each length, and the matmul FLOP/s it reaches."""
     rows = []
@@ -215,11 +228,8 @@ def prefill_rows(name, params, config, lengths, *, repeats, matmul_tflop_s) -> l
         zeros = jnp.zeros((1,), jnp.int32)
         n = jnp.asarray([t], jnp.int32)
 
-        def run(tokens=tokens, sampling=sampling, zeros=zeros, n=n, t=t):
-            cache = init_cache(config, 1, t, params.embed.dtype, stacked=stacked)
-            return prefill_step(
-                params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
-            )[0]
+        def run(tokens=tokens, sampling=sampling, zeros=zeros, n=n):
+            return prefill_fresh(params, tokens, n, sampling, zeros, config=config, stacked=stacked)
 
         seconds, first = median_time(run, repeats)
         # 2 FLOPs per weight per token, plus causal attention (QK^T and PV: 2 * 2 * T^2 / 2

@@ -163,7 +163,8 @@ def stream(
     """Yield new token ids one at a time as they are produced (see `generate`).
 
     With a `draft`, the tokens come from `speculative_generation.speculative_stream` (greedy
-    output is identical to plain greedy decoding; sampled output has the same distribution);
+    output is identical to plain greedy decoding in float32, and in bfloat16 up to ties within
+    one rounding step; sampled output has the same distribution);
     `stats`, a `speculative_generation.SpeculativeStats`, is then filled in.
     """
     if draft is not None:

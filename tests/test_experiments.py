@@ -11,8 +11,10 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import realm_jax as rj
 from realm_jax.testing import TOLERANCES
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -175,6 +177,24 @@ def test_profile_decode_tiny(tmp_path):
     ops = [g["op"] for g in result["groups"]]
     # the output projection: logits [B, V] = [2, 300] from a product (a dot or a fusion)
     assert any(op.startswith("f32[2,300]") for op in ops), ops
+
+
+@pytest.mark.slow
+def test_probe_greedy_ties_tiny(tmp_path):
+    """The probe runs and records each pair; `first_difference` finds where two generations
+    part and reads the target's logits for both tokens there."""
+    module = _module("probe_greedy_ties")
+    assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "probe_greedy_ties.json").read_text())
+    assert [(r["dtype"], r["draft_layers"], r["k"]) for r in result["rows"]] == [("bfloat16", 1, 2)]
+    assert all(r["same"] == (r["first_difference"] is None) for r in result["rows"])
+    model, ids = module._sweep().load(True, "float32")
+    difference = module.first_difference(model, ids, [5, 6, 7], [5, 9, 7])
+    assert (difference["index"], difference["plain_token"], difference["spec_token"]) == (1, 6, 9)
+    row = np.asarray(rj.logits(model, [*ids, 5])[-1], np.float64)
+    assert difference["gap"] == pytest.approx(abs(row[6] - row[9]))
+    assert module.first_difference(model, ids, [5, 6], [5, 6]) is None
+    assert module.bfloat16_spacing(19.2) == 0.125  # 2^4 <= 19.2 < 2^5: 2^(4 - 7)
 
 
 def test_probe_decode_attention_tiny(tmp_path):
