@@ -374,27 +374,30 @@ def run(
     for name, (config, main_stacked) in models.items():
         checkpoint(f"decode/prefill {name}")
         try:
-            if isinstance(config, rj.Model):
+            if isinstance(config, rj.Model):  # real weights, unrolled as load_model gives them
                 params, config = config.params, config.config
-            else:
+            else:  # random weights of the shapes, made again for the other layout below
                 params = random_params(config, dtype)
+                if main_stacked:
+                    params = stack_layers(params)
             decode = functools.partial(
                 decode_rows, name, config=config, window=window, repeats=repeats,
                 copy_gb_s=copy_gb_s,
             )  # fmt: skip
-            if main_stacked:  # the unrolled rows first, so one layout is in memory at a time
-                result["decode"] += attempt(f"decode unrolled {name}", decode, params, ends)
-                params = stack_layers(params)
-                result["decode"] += attempt(f"decode stacked {name}", decode, params, batches)
-            else:
-                result["decode"] += attempt(f"decode unrolled {name}", decode, params, batches)
-                stacked = stack_layers(params)
-                result["decode"] += attempt(f"decode stacked {name}", decode, stacked, ends)
-                del stacked
+            # the main layout first, on a fresh device: a large batch's cache freed before a
+            # program's temporaries are allocated can leave the pool fragmented
+            main, other = ("stacked", "unrolled") if main_stacked else ("unrolled", "stacked")
+            result["decode"] += attempt(f"decode {main} {name}", decode, params, batches)
             result["prefill"] += attempt(
                 f"prefill {name}", prefill_rows, name, params, config, lengths,
                 repeats=max(3, repeats // 3), matmul_tflop_s=matmul,
             )  # fmt: skip
+            if main_stacked:  # one layout in memory at a time
+                del params
+                params = random_params(config, dtype)
+            else:
+                params = stack_layers(params)
+            result["decode"] += attempt(f"decode {other} {name}", decode, params, ends)
             del params
         except Exception:  # the model's weights could not be made or stacked
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
