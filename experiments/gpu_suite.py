@@ -15,7 +15,8 @@ bfloat16 matmul: FLOP/s), then:
   largest. The pair measures what the scan costs: it slices each layer's weights out of
   [L, ...] arrays, and XLA on the CPU copies every slice before its product
   (docs/results.md);
-- prefill tokens/s at 512 and 2048 tokens, and the share of the matmul ceiling reached;
+- prefill tokens/s at 512 and 2048 tokens (the other layout at 2048 only), and the share of
+  the matmul ceiling reached;
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
   batching_throughput.py (each script's own `run`, at the suite's size in PARTS, or tiny);
   a part not started by DEADLINE_S (or --deadline) is listed as skipped, so the call ends
@@ -388,16 +389,20 @@ def run(
             # program's temporaries are allocated can leave the pool fragmented
             main, other = ("stacked", "unrolled") if main_stacked else ("unrolled", "stacked")
             result["decode"] += attempt(f"decode {main} {name}", decode, params, batches)
-            result["prefill"] += attempt(
-                f"prefill {name}", prefill_rows, name, params, config, lengths,
-                repeats=max(3, repeats // 3), matmul_tflop_s=matmul,
-            )  # fmt: skip
+            prefill = functools.partial(
+                prefill_rows, name, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
+            )
+            result["prefill"] += attempt(f"prefill {main} {name}", prefill, params, config, lengths)
             if main_stacked:  # one layout in memory at a time
                 del params
                 params = random_params(config, dtype)
             else:
                 params = stack_layers(params)
             result["decode"] += attempt(f"decode {other} {name}", decode, params, ends)
+            # the longest prompt in the other layout too: does the layout change prefill?
+            result["prefill"] += attempt(
+                f"prefill {other} {name}", prefill, params, config, lengths[-1:]
+            )
             del params
         except Exception:  # the model's weights could not be made or stacked
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
