@@ -463,9 +463,8 @@ def step_floor_ms(result: dict) -> tuple[float, float] | None:
     against; None without that row."""
     for row in result["decode"]:
         if row["model"].startswith("SmolLM2") and row["batch"] == 1:
-            return row["ms_per_step"] * row["share_of_copy_ceiling"], row["gb_s"] / row[
-                "share_of_copy_ceiling"
-            ]
+            share = row["share_of_copy_ceiling"]
+            return row["ms_per_step"] * share, row["gb_s"] / share
     return None
 
 
@@ -507,12 +506,12 @@ def markdown(result: dict) -> str:
     ]
     for i, call in enumerate(calls):
         c = call["ceilings"]
-        label = f"call {i + 1} ({', '.join(call['only'])})" if call.get("only") else "Measured"
+        where = ""
+        if len(calls) > 1:
+            parts = ", ".join(call["only"] or ["everything"])
+            where = f" in call {i + 1} ({parts}; {call['seconds']['total']:.0f} s)"
         lines.append(
-            f"{label}: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul {c['matmul_tflop_s']:.1f} "
-            f"TFLOP/s; {call['seconds']['total']:.0f} s."
-            if len(calls) > 1
-            else f"Measured ceilings: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul "
+            f"Measured ceilings{where}: copy {c['copy_gb_s']:.0f} GB/s, bf16 matmul "
             f"{c['matmul_tflop_s']:.1f} TFLOP/s."
         )
     lines += [
