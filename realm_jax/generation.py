@@ -218,26 +218,31 @@ def stream(
         **steps,
     )
     active = jnp.ones((1,), bool)
+    # Each step is dispatched before the host reads the previous token, so the device runs
+    # step t + 1 while the host copies token t out and yields it: the loop never waits for the
+    # device with nothing queued. At EOS that costs one step whose token is never read.
     for produced in range(1, max_new_tokens + 1):
-        value = int(token[0])
+        ahead = token
+        if produced < max_new_tokens:
+            # attention reads the smallest window holding every position written so far
+            window = decode_window(prompt.size + produced, capacity)
+            token, _, cache = decode_step(
+                params,
+                ahead,
+                active,
+                cache,
+                row_sampling,
+                seeds,
+                request_ids,
+                lora,
+                adapter_ids,
+                attn_len=window,
+                **steps,
+            )
+        value = int(np.asarray(ahead)[0])  # a 4-byte copy, no device op
         yield value
-        if value == eos or produced == max_new_tokens:
+        if value == eos:
             return
-        # attention reads the smallest window holding every position written so far
-        window = decode_window(prompt.size + produced, capacity)
-        token, _, cache = decode_step(
-            params,
-            token,
-            active,
-            cache,
-            row_sampling,
-            seeds,
-            request_ids,
-            lora,
-            adapter_ids,
-            attn_len=window,
-            **steps,
-        )
 
 
 def generate(

@@ -1,6 +1,9 @@
 """The JAX forward on synthetic GGUF models: against the float64 NumPy reference, cached
 decoding against one full forward, batched rows against rows alone, both layer layouts."""
 
+import copy
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +130,20 @@ def test_greedy_generation_is_iterated_argmax(case):
     for _ in range(12):
         sequence.append(int(np.argmax(rj.logits(model, sequence)[-1])))
     assert generated == sequence[len(ids) :]
+
+
+def test_generation_stops_after_eos(case):
+    """`stream` dispatches each step before reading the previous token: EOS still ends the
+    output right after it, and the step already queued is never read."""
+    model, _ = case
+    ids = _prompt(model, 9, seed=3)
+    full = rj.generate(model, ids, 12, stop_at_eos=False)
+    eos = full[5]  # any token the run produces; the output must end at its first occurrence
+    tokenizer = copy.copy(model.tokenizer)
+    tokenizer.eos_id = eos
+    with_eos = dataclasses.replace(model, tokenizer=tokenizer)
+    assert rj.generate(with_eos, ids, 12) == full[: full.index(eos) + 1]
+    assert rj.generate(with_eos, ids, 12, stop_at_eos=False) == full
 
 
 def test_padding_does_not_change_prefix_logits():
