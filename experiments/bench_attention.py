@@ -31,11 +31,13 @@ import argparse
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -49,6 +51,8 @@ OURS = "pallas"
 XLA_SCORES_LIMIT = 8e9  # bytes of float32 scores the XLA path may materialise before we skip it
 BATCH_SECONDS = 0.02  # each timed batch of calls lasts about this long
 REPEATS = 5
+# Threads that compile programs side by side (`compile_ahead`); 1 compiles one at a time.
+COMPILE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _on_gpu() -> bool:
@@ -56,10 +60,11 @@ def _on_gpu() -> bool:
 
 
 def time_call(fn, *args) -> dict:
-    """Compile time and median seconds per call of a jitted `fn(*args)`."""
+    """Median seconds per call of `fn(*args)` (a jitted or compiled function), and the
+    seconds of the first call, which compiles a jitted `fn` and is left out."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
+    first_call_s = time.perf_counter() - start
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     inner = max(1, min(100, int(BATCH_SECONDS / max(time.perf_counter() - start, 1e-6))))
@@ -70,7 +75,39 @@ def time_call(fn, *args) -> dict:
             out = fn(*args)
         jax.block_until_ready(out)
         batches.append((time.perf_counter() - start) / inner)
-    return dict(seconds=statistics.median(batches), compile_s=compile_s, calls_per_batch=inner)
+    return dict(
+        seconds=statistics.median(batches), first_call_s=first_call_s, calls_per_batch=inner
+    )
+
+
+def compile_ahead(jobs: dict, threads: int) -> dict:
+    """{key: (jitted function, args, static kwargs)} -> {key: (compiled program, seconds), or
+    the exception that stopped it}.
+
+    Each job is lowered here in turn (tracing holds the GIL) and its XLA compilation handed to
+    a pool of `threads` as soon as it is lowered; XLA compiles outside the GIL, so the programs
+    compile side by side on the host's cores. `seconds` is a compilation's own wall
+    time, with the others running beside it. Lowering needs only shapes: args may be
+    `jax.ShapeDtypeStruct`s."""
+
+    def compile_one(lowered):
+        start = time.perf_counter()
+        return lowered.compile(), time.perf_counter() - start
+
+    pending = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for key, (fn, args, kwargs) in jobs.items():
+            try:
+                pending[key] = pool.submit(compile_one, fn.lower(*args, **kwargs))
+            except Exception as error:  # noqa: PERF203 - one job's failure is its own
+                pending[key] = error
+    out = {}
+    for key, job in pending.items():
+        try:
+            out[key] = job if isinstance(job, Exception) else job.result()
+        except Exception as error:
+            out[key] = error
+    return out
 
 
 def measure_ceilings(tiny: bool) -> dict:
@@ -212,20 +249,26 @@ def _bundled(name: str):
             return f"unavailable: {type(error).__name__}: {error}"
 
 
-def _measure(impls: dict) -> dict:
-    """Time every runnable implementation; failures become reasons."""
+def _measure(impls: dict, threads: int) -> dict:
+    """Time every runnable implementation, all compiled first side by side (`compile_ahead`);
+    failures become reasons."""
+    jobs = {name: (*value, {}) for name, value in impls.items() if not isinstance(value, str)}
+    with warnings.catch_warnings():  # lowering traces: newer JAX deprecates the bundled ops
+        warnings.simplefilter("ignore", DeprecationWarning)
+        programs = compile_ahead(jobs, threads)
     out = {}
     for name, value in impls.items():
         if isinstance(value, str):
             out[name] = dict(status=value)
             continue
-        fn, args = value
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                out[name] = dict(status="ok", **time_call(fn, *args))
+            if isinstance(programs[name], Exception):
+                raise programs[name]
+            compiled, compile_s = programs[name]
+            out[name] = dict(status="ok", compile_s=compile_s, **time_call(compiled, *value[1]))
         except Exception as error:  # e.g. cuDNN refusing a shape, or out of memory
             out[name] = dict(status=f"failed: {type(error).__name__}: {str(error)[:300]}")
+        programs[name] = None  # its executable goes before the next one runs
     return out
 
 
@@ -248,9 +291,12 @@ def _summarise(row: dict, metric: str, amount: float, ceiling: float) -> dict:
     return row
 
 
-def run(tiny: bool = False, budget_s: float = 240.0) -> dict:
+def run(
+    tiny: bool = False, budget_s: float = 240.0, compile_threads: int = COMPILE_THREADS
+) -> dict:
     """The whole sweep; returns the JSON-able result. Shapes left when `budget_s` seconds
-    have passed are recorded as skipped, so the sweep always ends in time."""
+    have passed are recorded as skipped, so the sweep always ends in time. Each shape's
+    implementations compile side by side on `compile_threads` threads."""
     start = time.perf_counter()
     dtype = jnp.float32 if tiny and not _on_gpu() else jnp.bfloat16
     interpret = not _on_gpu()
@@ -274,7 +320,7 @@ def run(tiny: bool = False, budget_s: float = 240.0) -> dict:
         if out_of_time():
             result["prefill"].append(dict(config, skipped="time budget"))
             continue
-        row = dict(config, impls=_measure(prefill_impls(config, dtype, interpret)))
+        row = dict(config, impls=_measure(prefill_impls(config, dtype, interpret), compile_threads))
         flops = 4 * b * n * h * t * (t + 1) / 2
         result["prefill"].append(
             _summarise(row, "tflop_s", flops / 1e12, ceilings["matmul_tflop_s"])
@@ -284,7 +330,7 @@ def run(tiny: bool = False, budget_s: float = 240.0) -> dict:
         if out_of_time():
             result["decode"].append(dict(config, skipped="time budget"))
             continue
-        row = dict(config, impls=_measure(decode_impls(config, dtype, interpret)))
+        row = dict(config, impls=_measure(decode_impls(config, dtype, interpret), compile_threads))
         gigabytes = 2 * b * s * k * h * jnp.dtype(dtype).itemsize / 1e9
         result["decode"].append(_summarise(row, "gb_s", gigabytes, ceilings["copy_gb_s"]))
     result["seconds"] = time.perf_counter() - start
@@ -351,8 +397,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke size, seconds")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds before skipping")
+    parser.add_argument(
+        "--compile-threads", type=int, default=COMPILE_THREADS, help="1: one at a time"
+    )
     args = parser.parse_args(argv)
-    result = run(tiny=args.tiny, budget_s=args.budget)
+    result = run(tiny=args.tiny, budget_s=args.budget, compile_threads=args.compile_threads)
     out = args.out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_attention.json").write_text(json.dumps(result, indent=2))

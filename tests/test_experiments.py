@@ -49,7 +49,8 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     assert layouts == {(name, b) for name in ("unrolled", "stacked (scan)") for b in (1, 8)}
     assert all(row["ms_per_step"] > 0 for row in result["decode"])
     assert all(row["ms"] > 0 for row in result["prefill"])
-    assert all(row["first_call_s"] > 0 for row in result["decode"] + result["prefill"])
+    assert all(row["compile_s"] > 0 for row in result["decode"] + result["prefill"])
+    assert all(row["temp_gb"] is not None for row in result["decode"] + result["prefill"])
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| model | layers | batch |" in table
 
