@@ -9,12 +9,11 @@ bfloat16 matmul: FLOP/s), then:
 - decode at batch 1/8/32/64 in bfloat16 (float32 with --tiny) for SmolLM2-135M (the real file)
   and for TinyLlama-1.1B and Llama-2-7B shapes with random weights (timing does not need real
   weights): ms per step and the share of the copy ceiling that the step's bytes (weights + the
-  KV cache window read) reach. Each model runs in both layer layouts: its main one at every
-  batch size (SmolLM2: unrolled, as `load_model` gives it; the big shapes: stacked under
-  `lax.scan`, which compiles one layer instead of 22-32), the other at the smallest and
-  largest. The pair measures what the scan costs: it slices each layer's weights out of
-  [L, ...] arrays, and XLA on the CPU copies every slice before its product
-  (docs/results.md);
+  KV cache window read) reach. Each model runs in both layer layouts: unrolled (as
+  `load_model` gives it) at every batch size, stacked under `lax.scan` (which compiles one
+  layer instead of 22-32) at the smallest and largest. The pair measures what the scan costs:
+  it slices each layer's weights out of [L, ...] arrays, and on the first H100 run the
+  stacked steps moved ~3x the weights' bytes and copied the carried cache (docs/results.md);
 - prefill tokens/s at 512 and 2048 tokens (the other layout at 2048 only), and the share of
   the matmul ceiling reached;
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
@@ -49,7 +48,7 @@ import realm_jax as rj
 from realm_jax.batching import decode_step, prefill_step
 from realm_jax.config import ModelConfig
 from realm_jax.kv_cache import init_cache
-from realm_jax.model import LayerParams, Params, stack_layers, unstack_layers
+from realm_jax.model import LayerParams, Params, stack_layers
 from realm_jax.sampling import Sampling, SamplingParams
 
 HERE = Path(__file__).resolve().parent
@@ -393,10 +392,10 @@ def run(
     if tiny:
         from realm_jax.config import tiny as tiny_config
 
-        models = {"tiny (random)": (tiny_config(vocab_size=300), True)}  # as the big shapes
+        models = {"tiny (random)": tiny_config(vocab_size=300)}
         batches, window, lengths, repeats = (1, 8), 32, (32,), 3
     else:
-        models = {name: (ModelConfig(**shape), True) for name, shape in SHAPES.items()}
+        models = {name: ModelConfig(**shape) for name, shape in SHAPES.items()}
         batches, window, lengths, repeats = (1, 8, 32, 64), 1024, (512, 2048), 10
     result["decode"], result["prefill"] = [], []
     smol_path = None if tiny else smollm2_file(model_path)
@@ -405,9 +404,9 @@ def run(
     result["model_file"] = None if smol_path is None else str(smol_path)
     if not tiny and smol_path is not None:
         smol = rj.load_model(smol_path, dtype="bfloat16")
-        models = {"SmolLM2-135M": (smol, None), **models}
+        models = {"SmolLM2-135M": smol, **models}
     elif not tiny:
-        models = {"SmolLM2-135M (random weights)": (ModelConfig(**SMOLLM2_SHAPE), False), **models}
+        models = {"SmolLM2-135M (random weights)": ModelConfig(**SMOLLM2_SHAPE), **models}
     models = {name: model for name, model in models.items() if selected(name, only)}
     ends = (batches[0], batches[-1])
 
@@ -422,18 +421,16 @@ def run(
             result["errors"][what] = "".join(traceback.format_exception(error))
             return []
 
-    for name, (config, main_stacked) in models.items():
+    for name, config in models.items():
         checkpoint(f"decode/prefill {name}")
         try:
             if isinstance(config, rj.Model):  # real weights, unrolled as load_model gives them
                 params, config = config.params, config.config
-            else:  # random weights of the shapes, made again for the other layout below
+            else:  # random weights of the shapes, unrolled
                 params = random_params(config, dtype)
-                if main_stacked:
-                    params = stack_layers(params)
-            main, other = ("stacked", "unrolled") if main_stacked else ("unrolled", "stacked")
-            shapes = {main: params}  # the other layout's params as shapes only, for now
-            shapes[other] = jax.eval_shape(unstack_layers if main_stacked else stack_layers, params)
+            main, other = "unrolled", "stacked"
+            # the stacked params as shapes only, for now: one layout in memory at a time
+            shapes = {main: params, other: jax.eval_shape(stack_layers, params)}
             plan = [("decode", main, b) for b in batches] + [("prefill", main, t) for t in lengths]
             # the other layout at the ends, and its longest prompt: does the layout change it?
             plan += [("decode", other, b) for b in ends] + [("prefill", other, lengths[-1])]
@@ -453,12 +450,8 @@ def run(
             # the main layout first, on a fresh device: a large batch's cache freed before a
             # program's temporaries are allocated can leave the pool fragmented
             for lay in (main, other):
-                if lay == other:  # one layout in memory at a time
-                    if main_stacked:
-                        del params
-                        params = random_params(config, dtype)
-                    else:
-                        params = stack_layers(params)
+                if lay == other:
+                    params = stack_layers(params)
                 for kind, layout_, n in plan:
                     if layout_ != lay:
                         continue

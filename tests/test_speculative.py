@@ -20,7 +20,7 @@ from realm_jax.config import tiny
 from realm_jax.errors import RealmError, RequestError
 from realm_jax.kv_cache import init_cache
 from realm_jax.lora import LoraAdapter, adapter_from_tensors
-from realm_jax.model import params_from_tensors
+from realm_jax.model import params_from_tensors, stack_layers
 from realm_jax.reference import forward_reference
 from realm_jax.sampling import Sampling, SamplingParams, sampling_probs_reference
 from realm_jax.speculative import (
@@ -631,29 +631,36 @@ def test_jitted_step_with_a_wrong_residual_fails(small_pair, monkeypatch):
 # --- the real model ------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def smollm2_stacked(smollm2):
+    """The real model with its layers stacked under `lax.scan`: the same function (the layouts
+    agree, test_model.py), compiled in a fraction of the time, so the real-model speculative
+    tests cover both layouts for less CI time than one."""
+    return rj.Model(smollm2.config, stack_layers(smollm2.params), smollm2.tokenizer, smollm2.path)
+
+
 @pytest.mark.model
-@pytest.mark.parametrize(("depth", "k"), [(26, 2), (12, 8)])
-def test_real_model_greedy_equals_golden(smollm2, golden, depth, k):
+@pytest.mark.parametrize(("depth", "k", "layout"), [(26, 2, "unrolled"), (12, 8, "stacked")])
+def test_real_model_greedy_equals_golden(request, golden, depth, k, layout):
     """SmolLM2 with its first `depth` layers as the draft: the golden greedy continuations
     (HF's, which plain `rj.generate` reproduces), token for token."""
-    draft = layer_skip_draft(smollm2, depth)
+    model = request.getfixturevalue("smollm2" if layout == "unrolled" else "smollm2_stacked")
+    draft = layer_skip_draft(model, depth)
     for name in ("capital", "once"):  # one prompt bucket and cache shape: one compilation
         ids = golden[f"ids_{name}"].tolist()
-        out = speculative_stream(
-            smollm2, ids, 32, stop_at_eos=False, draft=draft, num_draft_tokens=k
-        )
+        out = speculative_stream(model, ids, 32, stop_at_eos=False, draft=draft, num_draft_tokens=k)
         assert list(out) == golden[f"gen_{name}"].tolist(), name
 
 
 @pytest.mark.model
-def test_real_model_batched_equals_golden(smollm2, golden):
-    """Four prompts of 4 to 46 tokens in one batch (draft: 26 layers, k = 3)."""
+def test_real_model_batched_equals_golden(smollm2_stacked, golden):
+    """Four prompts of 4 to 46 tokens in one batch (draft: 26 layers, k = 3), layers stacked."""
     names = ["capital", "once", "code", "chat"]
     prompts = [golden[f"ids_{name}"].tolist() for name in names]
     rows = [[] for _ in names]
     for row, token in speculative_rows(
-        smollm2, prompts, [32] * 4, [Sampling()] * 4, [0] * 4, False,
-        draft=layer_skip_draft(smollm2, 26), num_draft_tokens=3,
+        smollm2_stacked, prompts, [32] * 4, [Sampling()] * 4, [0] * 4, False,
+        draft=layer_skip_draft(smollm2_stacked, 26), num_draft_tokens=3,
     ):  # fmt: skip
         rows[row].append(token)
     for name, out in zip(names, rows, strict=True):
