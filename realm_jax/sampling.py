@@ -74,11 +74,16 @@ class SamplingParams:
       temperature: [B] float32; 0 marks a greedy row.
       top_k: [B] int32; 0 = off.
       top_p: [B] float32; 1 = off.
+      filtering: static: whether any row may use top-k or top-p. False (what `from_rows`
+        gives greedy and plain-temperature batches) compiles a program without the two
+        cut-off searches; it is exact only when no row filters. The default True is exact
+        for any rows.
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    filtering: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @classmethod
     def from_rows(cls, rows: Sequence[Sampling]) -> "SamplingParams":
@@ -96,6 +101,7 @@ class SamplingParams:
             temperature=jnp.asarray([row.temperature for row in rows], jnp.float32),
             top_k=jnp.asarray(top_k, jnp.int32),
             top_p=jnp.asarray([row.top_p for row in rows], jnp.float32),
+            filtering=any(row.temperature > 0 and (row.top_k > 0 or row.top_p < 1) for row in rows),
         )
 
 
@@ -193,7 +199,7 @@ def _top_k_top_p_threshold(scaled: jax.Array, params: SamplingParams) -> jax.Arr
 def _filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Scaled logits with filtered-out tokens at -inf ([B, V]), and the greedy rows ([B])."""
     chex.assert_rank(logits, 2)
-    b, v = logits.shape
+    b = logits.shape[0]
     chex.assert_shape([params.temperature, params.top_k, params.top_p], (b,))
     logits = logits.astype(jnp.float32)
     greedy = params.temperature == 0.0
@@ -202,16 +208,12 @@ def _filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arr
     # Shift by the row max before dividing: a tiny temperature then sends the other tokens to
     # -inf instead of sending the top one to +inf (inf - inf is NaN in the softmax).
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature[:, None]
-    filtering = ~greedy & (((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
-    # Skip the two cut-off searches when no row filters (greedy and plain-temperature
-    # batches): a cond on one scalar, not Python branching, so this stays jittable.
-    threshold = jax.lax.cond(
-        jnp.any(filtering),
-        _top_k_top_p_threshold,
-        lambda scaled, params: jnp.full((b,), -jnp.inf, jnp.float32),
-        scaled,
-        params,
-    )
+    if not params.filtering:
+        # No row filters (greedy and plain-temperature batches, decided on the host by
+        # `from_rows`): the program has no cut-off searches to compile, and no `lax.cond`,
+        # which on a GPU stops the host midway through every step to read its predicate.
+        return scaled, greedy
+    threshold = _top_k_top_p_threshold(scaled, params)
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf), greedy
 
 

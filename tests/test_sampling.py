@@ -1,6 +1,7 @@
 """Sampling: validation, greedy, `sampling_probs` against its float64 twin, per-row keys and
 batch independence, and a chi-square test of drawn tokens against the exact distribution."""
 
+import dataclasses
 import math
 
 import jax
@@ -106,6 +107,29 @@ def test_valid_sampling_and_params():
         SamplingParams.from_rows([])
     with pytest.raises(RequestError):
         SamplingParams.from_rows([Sampling(), dict(temperature=1.0)])
+
+
+def test_from_rows_marks_filtering_and_the_unfiltered_program_is_exact():
+    """`from_rows` compiles the cut-off searches in only where a sampled row uses top-k or
+    top-p (greedy ignores them); a program without them gives a batch that does not filter
+    the float64 definition's distribution, as the program with them does."""
+    assert not SamplingParams.from_rows([Sampling(), Sampling(0.0, top_k=3, top_p=0.5)]).filtering
+    assert not SamplingParams.from_rows([Sampling(0.8), Sampling()]).filtering
+    assert SamplingParams.from_rows([Sampling(), Sampling(0.8, top_k=3)]).filtering
+    assert SamplingParams.from_rows([Sampling(0.8, top_p=0.9)]).filtering
+    rng = np.random.default_rng(3)
+    logits = (3.0 * rng.standard_normal((4, 50))).astype(np.float32)
+    logits[:, 1::4] = -np.inf  # masked tokens stay at probability 0
+    rows = [Sampling(), Sampling(0.3), Sampling(1.0), Sampling(2.5)]
+    params = SamplingParams.from_rows(rows)
+    assert not params.filtering
+    probs = np.asarray(probs_jit(jnp.asarray(logits), params))
+    temps = [row.temperature for row in rows]
+    expected = sampling_probs_reference(logits, temps, [0] * 4, [1.0] * 4)
+    assert_close(probs, expected, kind="op", what="program without the cut-off searches")
+    np.testing.assert_array_equal(probs > 0, expected > 0)
+    with_searches = probs_jit(jnp.asarray(logits), dataclasses.replace(params, filtering=True))
+    assert_close(probs, np.asarray(with_searches), kind="op", what="with the searches")
 
 
 # --- greedy and the exact distribution -------------------------------------------------------
