@@ -99,7 +99,7 @@ def compile_ahead(jobs: dict, threads: int) -> dict:
         for key, (fn, args, kwargs) in jobs.items():
             try:
                 pending[key] = pool.submit(compile_one, fn.lower(*args, **kwargs))
-            except Exception as error:  # noqa: PERF203 - one job's failure is its own
+            except Exception as error:  # one job's failure is its own
                 pending[key] = error
     out = {}
     for key, job in pending.items():
