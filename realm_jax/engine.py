@@ -133,6 +133,9 @@ class Engine:
         self._stack = None
         self._draft_stack = None  # the draft's part of the stack (see `_set_stack`)
         self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
+        # Whether any request so far filters by top-k / top-p (see `_sampling`): set by the
+        # first that does and never cleared.
+        self._filtering = False
 
     def _new_cache(self, model: Model):
         stacked = not isinstance(model.params.layers, tuple)
@@ -249,6 +252,7 @@ class Engine:
             stop_at_eos=bool(stop_at_eos),
         )
         self._next_id += 1
+        self._filtering |= sampling.filters
         self._requests[request.request_id] = request
         self._queue.append(request)
         return request.request_id
@@ -299,10 +303,18 @@ class Engine:
             self._next[request.slot] = token
         return TokenEvent(request.request_id, token, done)
 
+    def _sampling(self, rows: Sequence[Sampling]) -> SamplingParams:
+        """The rows' `SamplingParams`, their `filtering` flag set once any request so far has
+        filtered. A per-batch flag would compile a second program for each shape at every
+        switch between batches with and without such a row; this way an engine switches at
+        most once (greedy-only traffic never compiles the top-k / top-p searches)."""
+        params = SamplingParams.from_rows(rows)
+        return dataclasses.replace(params, filtering=params.filtering or self._filtering)
+
     def _sampling_rows(self) -> tuple[SamplingParams, jnp.ndarray]:
         rows = [r.sampling if r is not None else GREEDY for r in self._slots]
         seeds = [r.seed if r is not None else 0 for r in self._slots]
-        return SamplingParams.from_rows(rows), jnp.asarray(seeds, jnp.int32)
+        return self._sampling(rows), jnp.asarray(seeds, jnp.int32)
 
     def _prefill(self, request: _Request, slot: int) -> TokenEvent:
         prompt = request.prompt
@@ -317,7 +329,7 @@ class Engine:
             jnp.asarray([prompt.size], jnp.int32),
             self._cache,
             jnp.asarray(slot, jnp.int32),
-            SamplingParams.from_rows([request.sampling]),
+            self._sampling([request.sampling]),
             jnp.asarray([request.seed], jnp.int32),
             jnp.zeros((1,), jnp.int32),
             self._stack,
@@ -333,7 +345,7 @@ class Engine:
                 jnp.asarray([prompt.size], jnp.int32),
                 self._draft_cache,
                 jnp.asarray(slot, jnp.int32),
-                SamplingParams.from_rows([request.sampling]),
+                self._sampling([request.sampling]),
                 jnp.asarray([request.seed], jnp.int32),
                 jnp.zeros((1,), jnp.int32),
                 draft_kwargs.get("lora"),

@@ -64,6 +64,12 @@ class Sampling:
         if isinstance(p, bool) or not isinstance(p, Real) or not (0 < p <= 1):
             raise RequestError(f"Sampling.top_p must be in (0, 1] (1 = off), got {p!r}")
 
+    @property
+    def filters(self) -> bool:
+        """Whether a row of this request may cut tokens off by top-k or top-p (greedy ignores
+        both): what `SamplingParams.filtering` records for a batch."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +107,7 @@ class SamplingParams:
             temperature=jnp.asarray([row.temperature for row in rows], jnp.float32),
             top_k=jnp.asarray(top_k, jnp.int32),
             top_p=jnp.asarray([row.top_p for row in rows], jnp.float32),
-            filtering=any(row.temperature > 0 and (row.top_k > 0 or row.top_p < 1) for row in rows),
+            filtering=any(row.filters for row in rows),
         )
 
 

@@ -81,6 +81,23 @@ def test_greedy_and_sampled_requests_equal_generate_alone(model, max_batch):
     assert engine.pending == 0
 
 
+def test_top_k_1_is_greedy_in_a_batch_that_switches_to_filtering(model):
+    """A hot sampled request with top_k = 1 must decode exactly as greedy, whether it joins an
+    engine that has only served greedy batches (whose programs have no top-k search) or one
+    already filtering; without its top-k cut, temperature 5 would wander off the argmax."""
+    requests = _requests(model, 4, seed=21)
+    hot = dict(requests[0], sampling=rj.Sampling(temperature=5.0, top_k=1), max_new_tokens=16)
+    greedy = rj.generate(model, hot["ids"], 16, seed=hot["seed"])
+    assert rj.generate(model, **dict(hot, sampling=rj.Sampling(temperature=5.0))) != greedy
+    engine = rj.Engine(model, max_batch=2, max_seq_len=64)
+    ids = [engine.submit(**r) for r in requests[1:]]
+    assert engine.step()  # a greedy-only batch first: its programs have no top-k search
+    late = engine.submit(**hot)
+    results = engine.run()
+    assert results[late] == greedy
+    assert [results[i] for i in ids] == _alone(model, requests[1:])
+
+
 def test_a_long_running_neighbour_does_not_change_outputs(model):
     requests = _requests(model, 6, seed=11)
     expected = _alone(model, requests)
