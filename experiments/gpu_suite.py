@@ -428,12 +428,14 @@ def run(
                 params, config = config.params, config.config
             else:  # random weights of the shapes, unrolled
                 params = random_params(config, dtype)
-            main, other = "unrolled", "stacked"
             # the stacked params as shapes only, for now: one layout in memory at a time
-            shapes = {main: params, other: jax.eval_shape(stack_layers, params)}
-            plan = [("decode", main, b) for b in batches] + [("prefill", main, t) for t in lengths]
-            # the other layout at the ends, and its longest prompt: does the layout change it?
-            plan += [("decode", other, b) for b in ends] + [("prefill", other, lengths[-1])]
+            shapes = {"unrolled": params, "stacked": jax.eval_shape(stack_layers, params)}
+            # unrolled rows first, on a fresh device (a large batch's cache freed before a
+            # program's temporaries are allocated can leave the pool fragmented); stacked at
+            # the ends, and its longest prompt: does the layout change prefill?
+            plan = [("decode", "unrolled", b) for b in batches]
+            plan += [("prefill", "unrolled", t) for t in lengths]
+            plan += [("decode", "stacked", b) for b in ends] + [("prefill", "stacked", lengths[-1])]
             jobs = {
                 (kind, lay, n): decode_job(shapes[lay], config, n, window, dtype)
                 if kind == "decode"
@@ -441,25 +443,21 @@ def run(
                 for kind, lay, n in plan
             }
             programs = attention_sweep.compile_ahead(jobs, compile_threads)
-            decode = functools.partial(
-                decode_row, config=config, window=window, repeats=repeats, copy_gb_s=copy_gb_s
-            )
-            prefill = functools.partial(
-                prefill_row, config=config, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
-            )
-            # the main layout first, on a fresh device: a large batch's cache freed before a
-            # program's temporaries are allocated can leave the pool fragmented
-            for lay in (main, other):
-                if lay == other:
+            rows = {
+                "decode": functools.partial(
+                    decode_row, config=config, window=window, repeats=repeats, copy_gb_s=copy_gb_s
+                ),
+                "prefill": functools.partial(
+                    prefill_row, config=config, repeats=max(3, repeats // 3), matmul_tflop_s=matmul
+                ),
+            }
+            for kind, lay, n in plan:
+                if lay == "stacked" and isinstance(params.layers, tuple):
                     params = stack_layers(params)
-                for kind, layout_, n in plan:
-                    if layout_ != lay:
-                        continue
-                    row, rows = (decode, "decode") if kind == "decode" else (prefill, "prefill")
-                    what = f"{kind} {lay} {name} {'batch' if kind == 'decode' else 'tokens'} {n}"
-                    program = programs.pop((kind, lay, n))
-                    result[rows] += attempt(what, row, program, name, params, n)
-                    del program  # its executable and buffers go before the next row's
+                what = f"{kind} {lay} {name} {'batch' if kind == 'decode' else 'tokens'} {n}"
+                program = programs.pop((kind, lay, n))
+                result[kind] += attempt(what, rows[kind], program, name, params, n)
+                del program  # its executable and buffers go before the next row's
             del params
         except Exception:  # the model's weights could not be made or stacked
             result["errors"][f"decode/prefill {name}"] = traceback.format_exc()
