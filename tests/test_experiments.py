@@ -180,6 +180,18 @@ def test_profile_decode_tiny(tmp_path):
     assert any(op.startswith("f32[2,300]") for op in ops), ops
 
 
+def test_probe_dispatch_tiny(tmp_path):
+    """Every mode is timed, and the stepping modes (host loops and the on-device loop) run the
+    same greedy steps: they end on the same token."""
+    module = _module("probe_dispatch")
+    assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "probe_dispatch.json").read_text())
+    assert set(result["ms_per_step"]) == set(module.MODES)
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
+    assert result["same_last_token"]
+    assert result["array_leaves"] > 2 * result["n_layers"]
+
+
 @pytest.mark.slow
 def test_probe_greedy_ties_tiny(tmp_path):
     """The probe runs and records each pair; `first_difference` finds where two generations
