@@ -11,11 +11,12 @@
 #      decode/prefill and the LoRA, speculative and batching parts (all need its weights)
 # `bash experiments/gpu_run.sh all` runs both halves in one call where the file is there.
 # Then, here: python experiments/gpu_suite.py --merge CALL1/gpu_suite.json CALL2/gpu_suite.json
-# --out experiments/results/gpu_suite. TESTS_TIMEOUT, SUITE_TIMEOUT (seconds) and DEADLINE
-# (seconds into the suite after which no part starts) fit a call to what is left of the lease.
-# The defaults fit docs/results.md's predictions for the trimmed plan (call 1 ~130 s of suite,
-# call 2 ~240 s, its batching part starting ~200 s in); the first lease's calls took 241 s and
-# 360 s of device time with the machine's start, so both fit with room for a rerun.
+# --out DIR (calls in the order they ran; a part run again later is taken from the later call).
+# TESTS_TIMEOUT, SUITE_TIMEOUT (seconds) and DEADLINE (seconds into the suite after which no
+# part starts) fit a call to what is left of the lease; SUITE_ARGS is added to the suite's
+# arguments (a later --only replaces the stage's). In the second lease call 1 took 139 s of
+# suite (237 s of device time with the machine's start) and call 2's parts, as they now are,
+# 31 + 25 + 50 + 42 s (docs/results.md), so both fit the defaults with room for a rerun.
 # With the model missing, the suite times SmolLM2's shapes with random weights and skips the
 # parts that need its real weights. Everything lands in $OUT.
 set -uo pipefail

@@ -12,8 +12,9 @@ bfloat16 matmul: FLOP/s), then:
   KV cache window read) reach. Each model runs in both layer layouts: unrolled (as
   `load_model` gives it) at every batch size, stacked under `lax.scan` (which compiles one
   layer instead of 22-32) at the smallest and largest. The pair measures what the scan costs:
-  it slices each layer's weights out of [L, ...] arrays, and on the first H100 run the
-  stacked steps moved ~3x the weights' bytes and copied the carried cache (docs/results.md);
+  it slices each layer's weights and cache out of [L, ...] arrays, and on the H100 the
+  stacked steps moved ~3x the unrolled steps' bytes, copying each layer's slices into a
+  buffer before reading them (docs/results.md);
 - prefill tokens/s at 512 and 2048 tokens (the other layout at 2048 only), and the share of
   the matmul ceiling reached;
 - the sweeps of bench_attention.py, lora_strategies.py, speculative_sweep.py and
@@ -22,11 +23,14 @@ bfloat16 matmul: FLOP/s), then:
   within its lease.
 `--only NAME,...` runs some models and parts (the GPU lease runs the suite in two calls, since
 its 64 MiB per call cannot carry the model file with the first: see gpu_run.sh), and
-`--merge A.json B.json` joins such runs' results into one.
+`--merge A.json B.json ...` joins such runs' results into one (in the order they ran: a part
+run again in a later call is taken from that call).
 A model's decode and prefill programs are all compiled before any is timed, side by side
 on the host's cores (`compile_ahead`); each row reports its program's compile seconds and the
-temporaries XLA planned for it. Every time is the median of repeated runs after a warm-up
-call, waited for with `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
+temporaries XLA planned for it. The LoRA and speculative parts compile theirs side by side
+too (`bench_attention.side_by_side`), on the same number of threads (--compile-threads).
+Every time is the median of repeated runs after a warm-up call, waited for with
+`block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
 """
 
 import argparse
@@ -487,9 +491,11 @@ def run(
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from runs of disjoint `--only` selections on one device (the GPU lease's two
-    calls). Each call measured its own ceilings, and its rows' shares use those: `calls`
-    keeps each call's ceilings, selection, seconds and model file."""
+    """One result from runs of `--only` selections on one device (a GPU lease's calls), in the
+    order they ran. Each call measured its own ceilings, and its rows' shares use those:
+    `calls` keeps each call's ceilings, selection, seconds and model file. A part, or a
+    model's decode and prefill rows, found in more than one call is taken from the last (a
+    rerun after a change), and `superseded` says which call's was left out."""
     kinds = {r["device_kind"] for r in results}
     if len(kinds) != 1:
         raise SystemExit(f"--merge: results from different devices {sorted(kinds)}")
@@ -500,17 +506,49 @@ def merge(results: list[dict]) -> dict:
     merged["ceilings"] = results[0]["ceilings"]
     merged["seconds"] = dict(total=sum(r["seconds"]["total"] for r in results))
     merged["in_progress"] = next((r["in_progress"] for r in results if r["in_progress"]), None)
+    superseded = {}
+    last_call = {}  # a model's rows or a part -> the last call that has it
+    for i, r in enumerate(results, 1):
+        for name in {row["model"] for key in ("decode", "prefill") for row in r[key]}:
+            last_call[name] = i
+        for part in PARTS:
+            if part in r:
+                if part in last_call:
+                    superseded[part] = dict(left_out=last_call[part], kept=i)
+                last_call[part] = i
     for key in ("decode", "prefill"):
-        merged[key] = [row for r in results for row in r[key]]
-    for key in ("errors", "skipped"):
-        merged[key] = {k: v for r in results for k, v in r[key].items()}
+        merged[key] = []
+        for i, r in enumerate(results, 1):
+            for row in r[key]:
+                if last_call[row["model"]] == i:
+                    merged[key].append(row)
+                else:
+                    superseded[row["model"]] = dict(left_out=i, kept=last_call[row["model"]])
+    for key in ("errors", "skipped"):  # a part's entry stands unless a later call ran it
+        merged[key] = {
+            k: v
+            for i, r in enumerate(results, 1)
+            for k, v in r[key].items()
+            if last_call.get(k, 0) <= i
+        }
     for part in PARTS:
-        runs = [r[part] for r in results if part in r]
-        if len(runs) > 1:
-            raise SystemExit(f"--merge: {part} is in more than one result")
-        if runs:
-            merged[part] = runs[0]
-            merged["skipped"].pop(part, None)
+        if part in last_call:
+            merged[part] = results[last_call[part] - 1][part]
+    if superseded:
+        merged["superseded"] = superseded
+        # the wall time of what was kept: each call's ceilings and decode/prefill rows while
+        # any of its rows are kept, and each part from the call it was taken from
+        merged["seconds"]["kept"] = sum(
+            sum(v for part, v in r["seconds"].items() if last_call.get(part) == i)
+            + (
+                r["seconds"].get("decode_prefill", 0.0)
+                if any(
+                    last_call[row["model"]] == i for key in ("decode", "prefill") for row in r[key]
+                )
+                else 0.0
+            )
+            for i, r in enumerate(results, 1)
+        )
     return merged
 
 
@@ -568,6 +606,17 @@ def markdown(result: dict) -> str:
         f"Device: {result['device_kind']} ({result['backend']}, jax {result['jax']}); "
         f"suite wall time {result['seconds']['total']:.0f} s"
         + (f" in {len(calls)} calls" if len(calls) > 1 else "")
+        + (
+            f"; the rows and parts below took {result['seconds']['kept']:.0f} s of it "
+            "(each from the last call that ran it; left out: "
+            + ", ".join(
+                f"{k} of call {v['left_out']}, rerun in call {v['kept']}"
+                for k, v in result["superseded"].items()
+            )
+            + ")"
+            if "superseded" in result
+            else ""
+        )
         + "."
     ]
     for i, call in enumerate(calls):

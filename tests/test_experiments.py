@@ -121,30 +121,56 @@ def test_gpu_suite_sizes_fit_each_experiment():
 
 
 def test_gpu_suite_merges_the_lease_calls(tmp_path):
-    """The committed H100 run's two calls merge into one result: every model's rows and every
-    part once, each call's ceilings kept; a part in two results or two devices are refused."""
+    """The committed H100 leases' calls merge into one result: every model's rows and every
+    part once, each call's ceilings kept; a part run again in a later call (after a change)
+    is taken from that call; results from two devices are refused."""
     suite = _module("gpu_suite")
     folder = EXPERIMENTS / "results" / "gpu_suite"
-    calls = [json.loads((folder / f"call{i}" / "gpu_suite.json").read_text()) for i in (1, 2)]
+    # the first lease: two disjoint calls, the first with errors (the 7B stacked rows)
+    calls = [
+        json.loads((folder / "lease1" / f"call{i}" / "gpu_suite.json").read_text()) for i in (1, 2)
+    ]
     merged = suite.merge(calls)
     assert [c["ceilings"] for c in merged["calls"]] == [c["ceilings"] for c in calls]
     assert merged["decode"] == calls[0]["decode"] + calls[1]["decode"]
     assert set(suite.PARTS) <= set(merged) and merged["skipped"] == {}
     assert set(merged["errors"]) == set(calls[0]["errors"]) | set(calls[1]["errors"])
+    assert "superseded" not in merged
     table = suite.markdown(merged)
     assert table.count("call 1 (") == 1 and table.count("call 2 (") == 1
     floor_ms, _ = suite.step_floor_ms(merged)
     smol = next(r for r in merged["decode"] if r["model"] == "SmolLM2-135M" and r["batch"] == 1)
     assert floor_ms < smol["ms_per_step"]  # a floor, below the step that it comes from
     assert "as a share of the floor" in table
-    paths = [str(folder / f"call{i}" / "gpu_suite.json") for i in (1, 2)]
-    code = suite.main(["--merge", *paths, "--out", str(tmp_path)])
+    paths = [str(folder / "lease1" / f"call{i}" / "gpu_suite.json") for i in (1, 2)]
+    code = suite.main(["--merge", *paths, "--out", str(tmp_path / "lease1")])
     assert code == 1  # the run's errors (the 7B stacked rows) make the exit code 1
-    assert json.loads((tmp_path / "gpu_suite.json").read_text()) == json.loads(
-        (folder / "gpu_suite.json").read_text()
+    assert json.loads((tmp_path / "lease1" / "gpu_suite.json").read_text()) == json.loads(
+        (folder / "lease1" / "gpu_suite.json").read_text()
     )  # the committed merged result is this merge
-    with pytest.raises(SystemExit, match="more than one"):
-        suite.merge([calls[1], calls[1]])
+    # the second lease: call 2's LoRA and speculative parts rerun in call 4 after a change,
+    # its batching part (skipped there) run in call 3
+    paths = [folder / "lease2" / f"call{i}" / "gpu_suite.json" for i in (1, 2, 3, 4)]
+    calls = [json.loads(path.read_text()) for path in paths]
+    merged = suite.merge(calls)
+    assert merged["superseded"] == {
+        part: dict(left_out=2, kept=4) for part in ("lora_strategies", "speculative_sweep")
+    }
+    assert merged["lora_strategies"] == calls[3]["lora_strategies"]
+    assert merged["speculative_sweep"] == calls[3]["speculative_sweep"]
+    assert merged["batching_throughput"] == calls[2]["batching_throughput"]
+    assert merged["skipped"] == {} and merged["errors"] == {}
+    assert merged["decode"] == calls[0]["decode"] + calls[1]["decode"]
+    kept = sum(calls[0]["seconds"].values()) - calls[0]["seconds"]["total"]  # all of call 1
+    kept += calls[1]["seconds"]["decode_prefill"] + calls[2]["seconds"]["batching_throughput"]
+    kept += calls[3]["seconds"]["lora_strategies"] + calls[3]["seconds"]["speculative_sweep"]
+    assert merged["seconds"]["kept"] == pytest.approx(kept)
+    assert "lora_strategies of call 2, rerun in call 4" in suite.markdown(merged)
+    code = suite.main(["--merge", *map(str, paths), "--out", str(tmp_path / "lease2")])
+    assert code == 0
+    assert json.loads((tmp_path / "lease2" / "gpu_suite.json").read_text()) == json.loads(
+        (folder / "lease2" / "gpu_suite.json").read_text()
+    )
     with pytest.raises(SystemExit, match="different devices"):
         suite.merge([calls[0], dict(calls[1], device_kind="another card")])
     assert suite.selected("SmolLM2-135M (random weights)", {"SmolLM2-135M"})
