@@ -4,17 +4,23 @@ Question: on the H100, SmolLM2's batch-1 decode step took 1.84 ms timed alone, `
 3.6 ms per token, and the speculative sweep's on-device loop 1.6 ms per token for ~1.9
 target steps' worth of layers. So a step's device work may be well under a millisecond and
 the rest the host's cost of calling the jitted step. This probe times one decode step
-(`batching.decode_step`, greedy, batch 1, as `rj.stream` calls it) five ways:
+(`batching.decode_step`, greedy, batch 1) six ways, and `rj.stream` two:
 
 - `pipelined`: steps dispatched back to back, each fed the last one's token, one wait at the
   end: max(host dispatch, device) per step;
-- `stream`: as `rj.stream` runs: step t + 1 dispatched, then token t copied to the host;
+- `stream`: as `rj.stream` ran until the ninth session: step t + 1 dispatched, then token t
+  copied to the host;
 - `synced`: each step's token copied to the host before the next is dispatched;
 - `dispatch only`: a jitted function of the same arguments that does no work (returns the
   token plus the cache lengths), back to back: the host's cost of one call with this many
   array leaves;
 - `device loop`: `steps` steps inside one program (`lax.fori_loop`): the device's time per
-  step with no host in the loop.
+  step with no host in the loop;
+- `rj.stream, n/call`: `rj.stream` itself, which since the ninth session runs up to
+  `steps_per_call` steps per device call (`batching.decode_loop`), at 1 and at its
+  default:
+  ms per token from the first token to the last, for a prompt of `filled` random ids (the
+  same window), greedy, EOS not stopping.
 
 Each is the median over `repeats` rounds of `steps` steps, each round on a fresh cache filled
 to `filled` positions with attention over a `window`-position window, after a warm-up round.
@@ -44,6 +50,8 @@ from realm_jax.sampling import Sampling, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("pipelined", "stream", "synced", "dispatch only", "dispatch all buffers", "device loop")
+CALLS = (1, rj.generation.STEPS_PER_CALL)  # rj.stream's steps_per_call, as modes
+STREAM_MODES = tuple(f"rj.stream, {n}/call" for n in CALLS)
 
 
 def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
@@ -122,6 +130,17 @@ def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
         ms[mode] = statistics.median(times[1:])
         last[mode] = int(np.asarray(out)[0])
         print(f"{mode}: {ms[mode]:.3f} ms/step", flush=True)
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, filled).tolist()
+    for n, mode in zip(CALLS, STREAM_MODES, strict=True):
+        times = []
+        for _ in range(repeats + 1):  # the first round compiles and is dropped
+            tokens = rj.stream(model, ids, steps, stop_at_eos=False, steps_per_call=n)
+            next(tokens)
+            start = time.perf_counter()
+            count = sum(1 for _ in tokens)
+            times.append(1e3 * (time.perf_counter() - start) / count)
+        ms[mode] = statistics.median(times[1:])
+        print(f"{mode}: {ms[mode]:.3f} ms/token", flush=True)
     leaves = len(jax.tree.leaves((params, zeros, active, fresh_cache(), rows, zeros, zeros)))
     return dict(
         layout="stacked (scan)" if stacked else "unrolled",
@@ -179,8 +198,9 @@ def markdown(result: dict) -> str:
         "| mode | ms / step | vs device loop |",
         "|---|---|---|",
     ]
-    for mode in MODES:
-        lines.append(f"| {mode} | {ms[mode]:.3f} | {ms[mode] / ms['device loop']:.2f}x |")
+    for mode in MODES + STREAM_MODES:
+        if mode in ms:  # results from before the rj.stream modes lack them
+            lines.append(f"| {mode} | {ms[mode]:.3f} | {ms[mode] / ms['device loop']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -203,6 +203,83 @@ def decode_step(
     )
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "attn_len", "max_steps", "implementation"),
+    donate_argnames=("cache",),
+)
+def decode_loop(
+    params: Params,
+    tokens: jax.Array,
+    active: jax.Array,
+    cache: KVCache,
+    sampling: SamplingParams,
+    seeds: jax.Array,
+    request_ids: jax.Array,
+    num_steps: jax.Array,
+    stop_ids: jax.Array,
+    lora: LoraStack | None = None,
+    adapter_ids: jax.Array | None = None,
+    *,
+    config: ModelConfig,
+    attn_len: int,
+    max_steps: int,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
+    """Up to `num_steps` decode steps in one program: `decode_step`'s work in a
+    `lax.while_loop`, each active row fed its last token.
+
+    One dispatch for many tokens: on a GPU a step called alone costs the host its launches
+    and the caller a wait per token, which the loop pays once (docs/results.md, the largest
+    gap). A row stops after it samples its stop id; the loop ends after `num_steps` steps or
+    when no row is active. The sampler is keyed by position, so the tokens are those that
+    `decode_step` would give one call at a time.
+
+    Args:
+      num_steps: int32 scalar <= max_steps (traced: a shorter last call needs no new program).
+      stop_ids: [B] int32, the id after which each row stops (-1: none).
+      attn_len: static window, holding every position the last step writes.
+      max_steps: static, the width of the returned tokens.
+      Others as in `decode_step`.
+
+    Returns:
+      (new_tokens [B, max_steps] int32, row b's first counts[b] valid; counts [B] int32;
+      last [B] int32, each row's newest token; active [B] bool, the rows not stopped; cache).
+    """
+    batch = tokens.shape[0]
+
+    def cond(carry):
+        i, _, active, *_ = carry
+        return (i < num_steps) & jnp.any(active)
+
+    def body(carry):
+        i, last, active, cache, out, counts = carry
+        token, _, cache = _append_and_sample(
+            params,
+            last[:, None],
+            active.astype(jnp.int32),
+            cache,
+            sampling,
+            seeds,
+            request_ids,
+            lora,
+            adapter_ids,
+            config=config,
+            attn_len=attn_len,
+            implementation=implementation,
+        )
+        last = jnp.where(active, token, last)
+        out = out.at[:, i].set(last)
+        counts = counts + active.astype(jnp.int32)
+        return i + 1, last, active & (token != stop_ids), cache, out, counts
+
+    out = jnp.zeros((batch, max_steps), jnp.int32)
+    counts = jnp.zeros((batch,), jnp.int32)
+    carry = (jnp.int32(0), tokens, active, cache, out, counts)
+    _, last, active, cache, out, counts = jax.lax.while_loop(cond, body, carry)
+    return out, counts, last, active, cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "implementation"))
 def prompt_logits(
     params: Params,

@@ -1,7 +1,8 @@
 """`logits`, `generate` and `stream`: one request through the shared jitted steps.
 
 There is one decode loop in the project: `stream` runs `batching.prefill_into_slot` once and then
-`batching.decode_step` per token, on one row; `generate` collects what `stream` yields.
+`batching.decode_loop`, up to `steps_per_call` decode steps per device call, on one row;
+`generate` collects what `stream` yields.
 
 `adapter=` runs a `LoraAdapter` by one of two strategies (`lora_strategy`): "merged" merges it
 into a new params pytree for the call (the base params are untouched), "unmerged" passes it
@@ -16,7 +17,7 @@ import numpy as np
 
 from realm_jax.batching import (
     bucket,
-    decode_step,
+    decode_loop,
     decode_window,
     prefill_into_slot,
     prompt_logits,
@@ -29,6 +30,13 @@ from realm_jax.model import Params
 from realm_jax.sampling import Sampling, SamplingParams
 
 GREEDY = Sampling()
+# Decode steps per device call in `stream` (experiments/probe_dispatch.py, docs/results.md).
+# On an H100 SmolLM2's step took 0.83 ms inside one program against 2.1-2.3 ms called once
+# per token: the host's launches and a wait per token. On the 2-core CPU, 8 per call ran
+# 1.17-1.23x faster than 1 per call. Streamed text arrives in bursts of up to this many.
+STEPS_PER_CALL = 8
+
+
 LORA_STRATEGIES = ("merged", "unmerged")
 # The default strategy for one request, from experiments/lora_strategies.py (SmolLM2-135M,
 # float32, shared 2-core CPU, adapters on all 7 projections; docs/lora.md): merged decodes at
@@ -159,8 +167,13 @@ def stream(
     draft: Model | None = None,
     num_draft_tokens: int = 4,
     stats=None,
+    steps_per_call: int = STEPS_PER_CALL,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time as they are produced (see `generate`).
+    """Yield new token ids as they are produced (see `generate`).
+
+    Plain decoding runs up to `steps_per_call` decode steps per device call
+    (`batching.decode_loop`), so tokens arrive in groups of up to that many; the tokens do
+    not depend on it (the sampler is keyed by position).
 
     With a `draft`, the tokens come from `speculative_generation.speculative_stream` (greedy
     output is identical to plain greedy decoding in float32, and in bfloat16 up to ties within
@@ -188,6 +201,10 @@ def stream(
         return
     prompt = validate_ids(model, ids, max_new_tokens)
     validate_sampling(sampling, seed)
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)):
+        raise RequestError(f"steps_per_call must be an integer, got {steps_per_call!r}")
+    if steps_per_call < 1:
+        raise RequestError(f"steps_per_call must be at least 1, got {steps_per_call}")
     params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
     if max_new_tokens == 0:
         return
@@ -217,32 +234,42 @@ def stream(
         adapter_ids,
         **steps,
     )
-    active = jnp.ones((1,), bool)
-    # Each step is dispatched before the host reads the previous token, so the device runs
-    # step t + 1 while the host copies token t out and yields it: the loop never waits for the
-    # device with nothing queued. At EOS that costs one step whose token is never read.
-    for produced in range(1, max_new_tokens + 1):
-        ahead = token
+    stop = jnp.asarray([-1 if eos is None else eos], jnp.int32)
+    active = token != stop
+    # The first token comes from the prefill, the rest from calls of `decode_loop`. Each call
+    # is dispatched before the host reads the previous one's tokens, so the device has work
+    # queued while the host copies them out and yields them; after EOS the queued call finds
+    # no active row and ends at once.
+    ready, produced = (token[:, None], jnp.ones((1,), jnp.int32)), 1
+    while ready is not None:
+        queued = None
         if produced < max_new_tokens:
-            # attention reads the smallest window holding every position written so far
-            window = decode_window(prompt.size + produced, capacity)
-            token, _, cache = decode_step(
+            n = min(steps_per_call, max_new_tokens - produced)
+            # attention reads the smallest window holding every position the call writes
+            window = decode_window(prompt.size + produced + n - 1, capacity)
+            out, counts, token, active, cache = decode_loop(
                 params,
-                ahead,
+                token,
                 active,
                 cache,
                 row_sampling,
                 seeds,
                 request_ids,
+                np.int32(n),
+                stop,
                 lora,
                 adapter_ids,
                 attn_len=window,
+                max_steps=steps_per_call,
                 **steps,
             )
-        value = int(np.asarray(ahead)[0])  # a 4-byte copy, no device op
-        yield value
-        if value == eos:
-            return
+            queued, produced = (out, counts), produced + n
+        new, count = jax.device_get(ready)
+        for value in new[0, : count[0]].tolist():
+            yield value
+            if value == eos:
+                return
+        ready = queued
 
 
 def generate(
@@ -272,7 +299,7 @@ def generate(
         speculative decoding; None decodes one token per step.
       num_draft_tokens: k, the tokens the draft proposes per step.
       **kwargs: `lora_strategy` ("merged" or "unmerged", see `with_adapter`), `request_id`,
-        `implementation`, `stats` (see `stream`).
+        `implementation`, `stats`, `steps_per_call` (see `stream`).
 
     Returns:
       The new token ids only.

@@ -212,7 +212,7 @@ def test_probe_dispatch_tiny(tmp_path):
     module = _module("probe_dispatch")
     assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "probe_dispatch.json").read_text())
-    assert set(result["ms_per_step"]) == set(module.MODES)
+    assert set(result["ms_per_step"]) == set(module.MODES + module.STREAM_MODES)
     assert all(ms > 0 for ms in result["ms_per_step"].values())
     assert result["same_last_token"]
     assert result["array_leaves"] > 2 * result["n_layers"]

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import realm_jax as rj
-from realm_jax.batching import prompt_logits
+from realm_jax.batching import decode_loop, decode_step, prefill_step, prompt_logits
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
+from realm_jax.kv_cache import init_cache
 from realm_jax.reference import forward_reference
+from realm_jax.sampling import SamplingParams
 from realm_jax.testing import assert_close, cached_logits, random_tensors, write_gguf
 
 # (name, config, matrix storage type): tied and untied output, GQA and plain MHA, a partial
@@ -133,8 +135,8 @@ def test_greedy_generation_is_iterated_argmax(case):
 
 
 def test_generation_stops_after_eos(case):
-    """`stream` dispatches each step before reading the previous token: EOS still ends the
-    output right after it, and the step already queued is never read."""
+    """`stream` dispatches each call before reading the previous call's tokens: EOS still
+    ends the output right after it, and the call already queued is never read."""
     model, _ = case
     ids = _prompt(model, 9, seed=3)
     full = rj.generate(model, ids, 12, stop_at_eos=False)
@@ -144,6 +146,76 @@ def test_generation_stops_after_eos(case):
     with_eos = dataclasses.replace(model, tokenizer=tokenizer)
     assert rj.generate(with_eos, ids, 12) == full[: full.index(eos) + 1]
     assert rj.generate(with_eos, ids, 12, stop_at_eos=False) == full
+
+
+def test_steps_per_call_does_not_change_the_tokens(tmp_path_factory):
+    """`stream` runs up to `steps_per_call` decode steps per device call
+    (`batching.decode_loop`): greedy and sampled tokens are the same at 1, 3 and 8 per call,
+    and EOS ends the output right after it, also in the middle of a call. (On this case
+    greedy output depends on each fed token: feeding a call's first token at every step
+    fails here.)"""
+    model, _ = _load(*CASES[1], tmp_path_factory)
+    ids = _prompt(model, 9, seed=3)
+    for sampling in (rj.Sampling(), rj.Sampling(temperature=0.9, top_p=0.9)):
+        runs = {
+            n: rj.generate(model, ids, 12, sampling, seed=4, stop_at_eos=False, steps_per_call=n)
+            for n in (1, 3, 8)
+        }
+        assert runs[1] == runs[3] == runs[8], runs
+    full = runs[1]
+    eos = full[4]  # within the second call of 3
+    tokenizer = copy.copy(model.tokenizer)
+    tokenizer.eos_id = eos
+    with_eos = dataclasses.replace(model, tokenizer=tokenizer)
+    for n in (1, 3, 8):
+        out = rj.generate(with_eos, ids, 12, sampling, seed=4, steps_per_call=n)
+        assert out == full[: full.index(eos) + 1]
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(rj.RequestError, match="steps_per_call"):
+            rj.generate(model, ids, 4, steps_per_call=bad)
+
+
+def test_decode_loop_stops_each_row_at_its_stop_id(tmp_path_factory):
+    """Two rows in one `decode_loop` call: each row's tokens are those of `decode_step` called
+    once per step; the row whose stop id comes up stops right after it (its count and its
+    cache length stop there), the other runs every step."""
+    model, _ = _load(*CASES[0], tmp_path_factory)
+    config, steps = model.config, 6
+    prompts = np.asarray([_prompt(model, 8, seed=5), _prompt(model, 8, seed=6)], np.int32)
+    lengths = jnp.asarray([8, 5], jnp.int32)  # row 1's prompt is its first 5 ids
+    rows = SamplingParams.from_rows([rj.Sampling()] * 2)
+    zeros = jnp.zeros((2,), jnp.int32)
+
+    def prefilled():
+        cache = init_cache(config, 2, 32, model.dtype)
+        first, _, cache = prefill_step(
+            model.params, jnp.asarray(prompts), lengths, cache, rows, zeros, zeros,
+            config=config, attn_len=8,
+        )  # fmt: skip
+        return first, cache
+
+    token, cache = prefilled()
+    expected = []
+    for _ in range(steps):
+        token, _, cache = decode_step(
+            model.params, token, jnp.ones((2,), bool), cache, rows, zeros, zeros,
+            config=config, attn_len=32,
+        )  # fmt: skip
+        expected.append(np.asarray(token))
+    expected = np.stack(expected, axis=1)  # [2, steps]
+    stop = int(expected[0, 2])
+    stops_at = expected[0].tolist().index(stop) + 1  # row 0's tokens up to its stop id
+    token, cache = prefilled()
+    out, counts, last, active, cache = decode_loop(
+        model.params, token, jnp.ones((2,), bool), cache, rows, zeros, zeros, np.int32(steps),
+        jnp.asarray([stop, -1], jnp.int32), config=config, attn_len=32, max_steps=steps,
+    )  # fmt: skip
+    assert np.asarray(counts).tolist() == [stops_at, steps]
+    assert np.asarray(out)[0, :stops_at].tolist() == expected[0, :stops_at].tolist()
+    assert np.asarray(out)[1].tolist() == expected[1].tolist()
+    assert np.asarray(active).tolist() == [False, True]
+    assert np.asarray(last).tolist() == [stop, int(expected[1, -1])]
+    assert np.asarray(cache.lengths).tolist() == [8 + stops_at, 5 + steps]
 
 
 def test_padding_does_not_change_prefix_logits():
