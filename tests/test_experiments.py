@@ -7,10 +7,13 @@ their `run(tiny=True)`, so their results are checked there rather than run twice
 import importlib.util
 import inspect
 import json
+import logging
 import runpy
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -204,6 +207,40 @@ def test_profile_decode_tiny(tmp_path):
     ops = [g["op"] for g in result["groups"]]
     # the output projection: logits [B, V] = [2, 300] from a product (a dot or a fusion)
     assert any(op.startswith("f32[2,300]") for op in ops), ops
+
+
+def test_side_by_side_runs_every_job_and_compiles_a_shared_program_once():
+    """`side_by_side` returns each job's result and seconds, or the exception it raised; jobs
+    that need the same new program get one compilation between them (jit waits for the one
+    under way), which the speculative and LoRA parts rely on to compile each program once."""
+    bench = _module("bench_attention")
+    finished = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if "Finished XLA compilation of jit(shared)" in record.getMessage():
+                finished.append(record)
+
+    @jax.jit
+    def shared(x):
+        for _ in range(50):  # long enough to compile that the jobs overlap
+            x = jnp.sin(x) @ x
+        return x
+
+    handler, logger = Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    was = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # the context manager is per thread
+    try:
+        x = 0.5 * jnp.eye(16)
+        jobs = {i: lambda: jax.block_until_ready(shared(x)) for i in range(4)}
+        out = bench.side_by_side({**jobs, "bad": lambda: 1 / 0}, threads=4)
+    finally:
+        jax.config.update("jax_log_compiles", was)
+        logger.removeHandler(handler)
+    assert isinstance(out.pop("bad"), ZeroDivisionError)
+    assert all(np.array_equal(result, out[0][0]) and s >= 0 for result, s in out.values())
+    assert len(finished) == 1
 
 
 def test_probe_dispatch_tiny(tmp_path):
