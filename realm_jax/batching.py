@@ -226,8 +226,8 @@ def decode_loop(
     max_steps: int,
     implementation: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
-    """Up to `num_steps` decode steps in one program: `decode_step`'s work in a
-    `lax.while_loop`, each active row fed its last token.
+    """Up to `num_steps` decode steps in one program: `decode_step` in a `lax.while_loop`,
+    each active row fed its last token.
 
     One dispatch for many tokens: on a GPU a step called alone costs the host its launches
     and the caller a wait per token, which the loop pays once (docs/results.md, the largest
@@ -254,10 +254,10 @@ def decode_loop(
 
     def body(carry):
         i, last, active, cache, out, counts = carry
-        token, _, cache = _append_and_sample(
+        token, _, cache = decode_step(
             params,
-            last[:, None],
-            active.astype(jnp.int32),
+            last,
+            active,
             cache,
             sampling,
             seeds,
@@ -267,7 +267,7 @@ def decode_loop(
             config=config,
             attn_len=attn_len,
             implementation=implementation,
-        )
+        )  # the one decode step, traced into the loop's body
         last = jnp.where(active, token, last)
         out = out.at[:, i].set(last)
         counts = counts + active.astype(jnp.int32)
