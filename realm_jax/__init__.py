@@ -6,7 +6,7 @@ This module re-exports the public surface (shared/API.md) and nothing else.
 from realm_jax import model
 from realm_jax.attention import attention
 from realm_jax.config import ModelConfig
-from realm_jax.engine import Engine
+from realm_jax.engine import Engine, TokenEvent
 from realm_jax.errors import (
     AdapterError,
     GGUFError,
@@ -26,12 +26,13 @@ from realm_jax.lora import (
     stack_adapters,
 )
 from realm_jax.sampling import Sampling
-from realm_jax.speculative import layer_skip_draft
+from realm_jax.steps.drafts import LayerSkipDraft, layer_skip_draft
 from realm_jax.tokenizer import Tokenizer
 
 __all__ = [
     "AdapterError",
     "Engine",
+    "LayerSkipDraft",
     "GGUFError",
     "LoraAdapter",
     "LoraStack",
@@ -40,6 +41,7 @@ __all__ = [
     "RealmError",
     "RequestError",
     "Sampling",
+    "TokenEvent",
     "Tokenizer",
     "TokenizerError",
     "UnsupportedModelError",

@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> None:
         options["lora_strategy"] = args.lora_strategy
     stats = None
     if args.draft_layers:
-        from realm_jax.speculative_generation import SpeculativeStats
+        from realm_jax.generation import SpeculativeStats
 
         stats = SpeculativeStats()
         options.update(

@@ -1,114 +1,112 @@
-"""`logits`, `generate` and `stream`: one request through the shared jitted steps.
+"""`logits`, `generate` and `stream`: one request, through the one driver.
 
-There is one decode loop in the project: `stream` runs `batching.prefill_into_slot` once and then
-`batching.decode_loop`, up to `steps_per_call` decode steps per device call, on one row;
-`generate` collects what `stream` yields.
+`stream` runs an `Engine` with one slot and one request: the same prefill, the same device
+loop of up to `steps_per_call` steps per call, the same stop rule as any batch, and
+speculative decoding is the engine's draft, not a second loop. `generate` collects what
+`stream` yields. `logits` scores a whole prompt in one forward (`steps.decode.prompt_logits`).
 
 `adapter=` runs a `LoraAdapter` by one of two strategies (`lora_strategy`): "merged" merges it
-into a new params pytree for the call (the base params are untouched), "unmerged" passes it
-to the steps as a stack of one adapter. Both are exact against the float64 reference.
+into a new params pytree for the call (the base params are untouched), "unmerged" registers
+it with the engine as a stack of one adapter. Both are exact against the float64 reference.
 """
 
+import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.batching import (
-    bucket,
-    decode_loop,
-    decode_window,
-    prefill_into_slot,
-    prompt_logits,
-)
+from realm_jax.engine import STEPS_PER_CALL, Engine
 from realm_jax.errors import RequestError
-from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
-from realm_jax.lora import LoraAdapter, LoraStack, check_adapter, merge_adapter, stack_adapters
-from realm_jax.model import Params
-from realm_jax.sampling import Sampling, SamplingParams
-
-GREEDY = Sampling()
-# Decode steps per device call in `stream` (experiments/probe_dispatch.py, docs/results.md).
-# On an H100 SmolLM2's step took 0.83 ms inside one program against 2.1-2.3 ms called once
-# per token: the host's launches and a wait per token. On the 2-core CPU, 8 per call ran
-# 1.17-1.23x faster than 1 per call. Streamed text arrives in bursts of up to this many.
-STEPS_PER_CALL = 8
-
+from realm_jax.lora import LoraAdapter, check_adapter, merge_adapter, stack_adapters
+from realm_jax.requests import GREEDY, validate_budget, validate_prompt
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import bucket, prompt_logits
+from realm_jax.steps.drafts import LayerSkipDraft
+from realm_jax.steps.state import StepSpec, Weights
 
 LORA_STRATEGIES = ("merged", "unmerged")
-# The default strategy for one request, from experiments/lora_strategies.py (SmolLM2-135M,
-# float32, shared 2-core CPU, adapters on all 7 projections; docs/lora.md): merged decodes at
-# the base model's speed (38.0 vs 37.1 ms per token at best, rank 16) where unmerged costs
-# 3-10 ms more (40.3 ms at rank 16, 47.3 ms at rank 64), and merged reuses the base model's
-# compiled steps (first request 24 s vs 34 s) at the price of a 0.3-0.7 s merge per call. For
-# many calls with one adapter, merge once (`rj.merge_adapter`) or pass "unmerged".
+# The default strategy for one request (experiments/lora_strategies.py, docs/lora.md): merged
+# decodes at the base model's speed and reuses its compiled steps, at the price of a merge per
+# call; unmerged adds the LoRA products to every step. For many calls with one adapter, merge
+# once (`rj.merge_adapter`) or pass "unmerged".
 DEFAULT_LORA_STRATEGY = "merged"
+ADAPTER_NAME = "adapter"  # the tenant name of an unmerged adapter in `stream`'s engine
 
 
-def validate_ids(model: Model, ids: Sequence[int], max_new_tokens: int = 0) -> np.ndarray:
-    """Check a prompt and its generation budget against the model; return ids as int32.
+@dataclasses.dataclass
+class SpeculativeStats:
+    """Acceptance counts of one request (filled in when passed to `stream` as `stats=`).
 
-    Raises:
-      RequestError: empty prompt, ids outside the vocabulary, a negative or non-integer
-        `max_new_tokens`, or prompt + new tokens beyond the model's context length.
+    Attributes:
+      num_draft_tokens: k.
+      histogram: [k+1] list; histogram[a] = target calls (steps) that accepted exactly a
+        draft tokens. Every other count follows from it.
+      emitted: tokens yielded, the prefill's first token included (after EOS / max-token
+        truncation, so it can be less than 1 + `generated`).
     """
-    array = np.asarray(ids)
-    if array.ndim != 1 or array.size == 0:
-        raise RequestError(f"prompt must be a non-empty list of token ids, got {array.shape=}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise RequestError(f"prompt token ids must be integers, got dtype {array.dtype}")
-    vocab = model.config.vocab_size
-    bad = (array < 0) | (array >= vocab)
-    if bad.any():
-        index = int(np.argmax(bad))
-        raise RequestError(f"prompt token {index} is {int(array[index])}, outside 0..{vocab - 1}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise RequestError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    total = array.size + int(max_new_tokens)
-    if total > model.config.context_length:
-        raise RequestError(
-            f"prompt ({array.size} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-            f"exceeds the context length {model.config.context_length}"
-        )
-    return array.astype(np.int32)
+
+    num_draft_tokens: int = 0
+    histogram: list[int] = dataclasses.field(default_factory=list)
+    emitted: int = 0
+
+    @property
+    def target_calls(self) -> int:
+        """Verification forwards of the target (one per step)."""
+        return sum(self.histogram)
+
+    @property
+    def drafted(self) -> int:
+        """Draft tokens proposed (k per step)."""
+        return self.num_draft_tokens * self.target_calls
+
+    @property
+    def accepted(self) -> int:
+        """Draft tokens accepted."""
+        return sum(a * n for a, n in enumerate(self.histogram))
+
+    @property
+    def generated(self) -> int:
+        """Tokens the steps produced (accepted + one per step), before truncation."""
+        return self.accepted + self.target_calls
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Tokens produced per target call: (1 - alpha^(k+1)) / (1 - alpha) for i.i.d.
+        acceptance alpha (Leviathan et al. 2023, eq. 1)."""
+        return self.generated / max(self.target_calls, 1)
+
+    @property
+    def reached(self) -> list[int]:
+        """[k] how often draft position i (0-based) was tested: all before it accepted."""
+        return [sum(self.histogram[i:]) for i in range(self.num_draft_tokens)]
+
+    @property
+    def accepted_at(self) -> list[int]:
+        """[k] how often draft position i was accepted."""
+        return [sum(self.histogram[i + 1 :]) for i in range(self.num_draft_tokens)]
+
+    @property
+    def position_acceptance(self) -> list[float]:
+        """[k] acceptance rate at each draft position, given it was tested (NaN if never)."""
+        return [
+            a / r if r else math.nan for a, r in zip(self.accepted_at, self.reached, strict=True)
+        ]
+
+    @property
+    def acceptance_rate(self) -> float:
+        """alpha: accepted / tested draft tokens, the estimate of a per-token acceptance
+        probability that a step stops testing at its first rejection."""
+        tested = sum(self.reached)
+        return self.accepted / tested if tested else math.nan
 
 
-def with_adapter(
-    model: Model, adapter: LoraAdapter | None, lora_strategy: str = DEFAULT_LORA_STRATEGY
-) -> tuple[Params, LoraStack | None, jax.Array | None]:
-    """The (params, lora, adapter_ids) that run one request with `adapter`.
-
-    Returns:
-      The model's own params and (None, None) without an adapter; merged params and
-      (None, None) for "merged"; the base params, a stack of one adapter and ids [1] = 0 for
-      "unmerged".
-
-    Raises:
-      RequestError: an unknown strategy.
-      AdapterError: an adapter that does not fit the model.
-    """
+def _check_strategy(model: Model, adapter: LoraAdapter | None, lora_strategy: str) -> None:
     if lora_strategy not in LORA_STRATEGIES:
         raise RequestError(f"lora_strategy {lora_strategy!r} is not one of {LORA_STRATEGIES}")
-    if adapter is None:
-        return model.params, None, None
-    check_adapter(adapter, model.params, model.config)
-    if lora_strategy == "merged":
-        return merge_adapter(model.params, adapter), None, None
-    return model.params, stack_adapters([adapter]), jnp.zeros((1,), jnp.int32)
-
-
-def validate_sampling(sampling: Sampling, seed: int) -> None:
-    """Check a request's sampling object and seed (`Sampling` validates its own values).
-
-    Raises:
-      RequestError: `sampling` is not an `rj.Sampling`, or `seed` is not in 0..2**31-1.
-    """
-    if not isinstance(sampling, Sampling):
-        raise RequestError(f"sampling must be an rj.Sampling, got {type(sampling).__name__}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-        raise RequestError(f"seed must be an integer in 0..2**31-1, got {seed!r}")
+    if adapter is not None:
+        check_adapter(adapter, model.params, model.config)
 
 
 def logits(
@@ -125,7 +123,7 @@ def logits(
       model: a loaded model.
       ids: T token ids.
       adapter: an `rj.LoraAdapter` for this model (`rj.load_adapter`), or None.
-      lora_strategy: "merged" or "unmerged" (see `with_adapter`).
+      lora_strategy: "merged" or "unmerged".
       implementation: attention implementation (see `rj.attention`).
 
     Returns:
@@ -134,21 +132,24 @@ def logits(
     Raises:
       RequestError, AdapterError: a bad prompt, strategy or adapter.
     """
-    array = validate_ids(model, ids)
-    params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
+    array = validate_prompt(model.config, ids)
+    if array.size > model.config.context_length:
+        raise RequestError(
+            f"prompt ({array.size} tokens) exceeds the context length {model.config.context_length}"
+        )
+    _check_strategy(model, adapter, lora_strategy)
+    weights = Weights(params=model.params)
+    if adapter is not None and lora_strategy == "merged":
+        weights = Weights(params=merge_adapter(model.params, adapter))
+    elif adapter is not None:
+        weights = Weights(params=model.params, lora=stack_adapters([adapter]))
     t = array.size
     padded = bucket(t, model.config.context_length)
     tokens = np.zeros((1, padded), np.int32)
     tokens[0, :t] = array
-    out = prompt_logits(
-        params,
-        jnp.asarray(tokens),
-        jnp.asarray([t], jnp.int32),
-        lora,
-        adapter_ids,
-        config=model.config,
-        implementation=implementation,
-    )
+    spec = StepSpec(model.config, padded, implementation)
+    zero = np.zeros((1,), np.int32)
+    out = prompt_logits(weights, tokens, np.asarray([t], np.int32), zero, spec=spec)
     return np.asarray(out[0, :t])
 
 
@@ -162,114 +163,53 @@ def stream(
     *,
     adapter: LoraAdapter | None = None,
     lora_strategy: str = DEFAULT_LORA_STRATEGY,
-    request_id: int = 0,
     implementation: str = "auto",
-    draft: Model | None = None,
+    draft: Model | LayerSkipDraft | None = None,
     num_draft_tokens: int = 4,
-    stats=None,
+    stats: SpeculativeStats | None = None,
     steps_per_call: int = STEPS_PER_CALL,
 ) -> Iterator[int]:
     """Yield new token ids as they are produced (see `generate`).
 
-    Plain decoding runs up to `steps_per_call` decode steps per device call
-    (`batching.decode_loop`), so tokens arrive in groups of up to that many; the tokens do
-    not depend on it (the sampler is keyed by position).
+    The request runs through an `Engine` with one slot, up to `steps_per_call` steps per
+    device call, so tokens arrive in groups of up to that many (k + 1 times that with a
+    draft); the tokens do not depend on it (the sampler is keyed by position). With a
+    `draft`, `stats` (a `SpeculativeStats`) is filled in as the request runs.
 
-    With a `draft`, the tokens come from `speculative_generation.speculative_stream` (greedy
-    output is identical to plain greedy decoding in float32, and in bfloat16 up to ties within
-    one rounding step; sampled output has the same distribution);
-    `stats`, a `speculative_generation.SpeculativeStats`, is then filled in.
+    Raises:
+      RequestError, AdapterError, RealmError: as `generate`, when the generator starts.
     """
-    if draft is not None:
-        from realm_jax.speculative_generation import speculative_stream  # imports this module
-
-        yield from speculative_stream(
-            model,
-            ids,
-            max_new_tokens,
-            sampling,
-            seed,
-            stop_at_eos,
-            draft=draft,
-            num_draft_tokens=num_draft_tokens,
-            adapter=adapter,
-            lora_strategy=lora_strategy,
-            request_id=request_id,
-            implementation=implementation,
-            stats=stats,
-        )
-        return
-    prompt = validate_ids(model, ids, max_new_tokens)
-    validate_sampling(sampling, seed)
-    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)):
-        raise RequestError(f"steps_per_call must be an integer, got {steps_per_call!r}")
-    if steps_per_call < 1:
-        raise RequestError(f"steps_per_call must be at least 1, got {steps_per_call}")
-    params, lora, adapter_ids = with_adapter(model, adapter, lora_strategy)
-    if max_new_tokens == 0:
-        return
-    config = model.config
-    capacity = bucket(prompt.size + max_new_tokens, config.context_length)
-    tokens = np.zeros((1, bucket(prompt.size, capacity)), np.int32)
-    tokens[0, : prompt.size] = prompt
-    cache = init_cache(
-        config, 1, capacity, model.dtype, stacked=not isinstance(model.params.layers, tuple)
+    prompt = validate_prompt(model.config, ids)
+    validate_budget(prompt.size, max_new_tokens, model.config.context_length, "the context length")
+    _check_strategy(model, adapter, lora_strategy)
+    name = None
+    if adapter is not None and lora_strategy == "merged":
+        model = dataclasses.replace(model, params=merge_adapter(model.params, adapter))
+    elif adapter is not None:
+        name = ADAPTER_NAME
+    capacity = bucket(prompt.size + max_new_tokens, model.config.context_length)
+    engine = Engine(
+        model,
+        max_batch=1,
+        max_seq_len=capacity,
+        draft=draft,
+        num_draft_tokens=num_draft_tokens,
+        implementation=implementation,
+        steps_per_call=steps_per_call,
     )
-    row_sampling = SamplingParams.from_rows([sampling])
-    seeds = jnp.asarray([seed], jnp.int32)
-    request_ids = jnp.asarray([request_id], jnp.int32)
-    eos = model.tokenizer.eos_id if (stop_at_eos and model.tokenizer is not None) else None
-    steps = dict(config=config, implementation=implementation)
-
-    token, _, cache = prefill_into_slot(
-        params,
-        jnp.asarray(tokens),
-        jnp.asarray([prompt.size], jnp.int32),
-        cache,
-        jnp.zeros((), jnp.int32),
-        row_sampling,
-        seeds,
-        request_ids,
-        lora,
-        adapter_ids,
-        **steps,
-    )
-    stop = jnp.asarray([-1 if eos is None else eos], jnp.int32)
-    active = token != stop
-    # The first token comes from the prefill, the rest from calls of `decode_loop`. Each call
-    # is dispatched before the host reads the previous one's tokens, so the device has work
-    # queued while the host copies them out and yields them; after EOS the queued call finds
-    # no active row and ends at once.
-    ready, produced = (token[:, None], jnp.ones((1,), jnp.int32)), 1
-    while ready is not None:
-        queued = None
-        if produced < max_new_tokens:
-            n = min(steps_per_call, max_new_tokens - produced)
-            # attention reads the smallest window holding every position the call writes
-            window = decode_window(prompt.size + produced + n - 1, capacity)
-            out, counts, token, active, cache = decode_loop(
-                params,
-                token,
-                active,
-                cache,
-                row_sampling,
-                seeds,
-                request_ids,
-                np.int32(n),
-                stop,
-                lora,
-                adapter_ids,
-                attn_len=window,
-                max_steps=steps_per_call,
-                **steps,
-            )
-            queued, produced = (out, counts), produced + n
-        new, count = jax.device_get(ready)
-        for value in new[0, : count[0]].tolist():
-            yield value
-            if value == eos:
-                return
-        ready = queued
+    if name is not None:
+        engine.add_adapter(name, adapter)
+    rid = engine.submit(prompt, max_new_tokens, sampling, seed, name, stop_at_eos)
+    if stats is not None:
+        stats.num_draft_tokens = num_draft_tokens if draft is not None else 0
+        stats.histogram, stats.emitted = [], 0
+    for event in engine.stream():
+        if stats is not None and draft is not None:
+            stats.histogram = engine.accepted(rid)
+        if event.token is not None:
+            if stats is not None:
+                stats.emitted += 1
+            yield event.token
 
 
 def generate(
@@ -281,7 +221,7 @@ def generate(
     stop_at_eos: bool = True,
     *,
     adapter: LoraAdapter | None = None,
-    draft: Model | None = None,
+    draft: Model | LayerSkipDraft | None = None,
     num_draft_tokens: int = 4,
     **kwargs,
 ) -> list[int]:
@@ -290,16 +230,16 @@ def generate(
     Args:
       model: a loaded model.
       ids: the prompt's token ids.
-      max_new_tokens: how many new tokens at most.
+      max_new_tokens: how many new tokens at most, >= 1.
       sampling: temperature / top-k / top-p (temperature 0 = greedy).
-      seed: the sampler's seed; token t's randomness depends only on (seed, request, t).
+      seed: the sampler's seed; token t's randomness depends only on (seed, t).
       stop_at_eos: stop after the tokenizer's EOS token (it is included in the output).
       adapter: an `rj.LoraAdapter` for this model (`rj.load_adapter`), or None.
-      draft: an `rj.Model` with the same vocabulary (e.g. `rj.layer_skip_draft(model, 8)`):
+      draft: an `rj.Model` with the same vocabulary, or `rj.layer_skip_draft(model, n)`:
         speculative decoding; None decodes one token per step.
       num_draft_tokens: k, the tokens the draft proposes per step.
-      **kwargs: `lora_strategy` ("merged" or "unmerged", see `with_adapter`), `request_id`,
-        `implementation`, `stats`, `steps_per_call` (see `stream`).
+      **kwargs: `lora_strategy` ("merged" or "unmerged"), `implementation`, `stats`,
+        `steps_per_call` (see `stream`).
 
     Returns:
       The new token ids only.
@@ -307,6 +247,7 @@ def generate(
     Raises:
       RequestError: invalid prompt, lengths, sampling parameters, seed or strategy.
       AdapterError: an adapter that does not fit the model.
+      RealmError: a draft that does not fit the model.
     """
     return list(
         stream(

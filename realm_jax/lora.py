@@ -24,7 +24,7 @@ Three strategies, one forward (`model.forward`):
 
 Serving many tenants (what an engine builds on): slot 0 is the base model by convention, an
 all-zero slot. Build the stack once with free slots, then add, replace or clear one slot at a
-time, and pass each row's slot as `adapter_ids` to `batching.prefill_step` / `decode_step`:
+time, and give each row its slot as `Rows.adapter_ids` (`steps.state`); `Engine` does this:
 
     stack = stack_adapters([None, adapter_a] + [None] * 6)   # M = 8: base, a, 6 free slots
     stack = set_adapter_slot(stack, 2, adapter_b)            # add or replace a tenant

@@ -9,8 +9,10 @@ What lives here: `forward_reference` (logits at every position, optional LoRA me
 weights), `rms_norm_reference`, `rope_reference` (GGML's adjacent-pair rotation, for raw GGUF
 q/k rows), `rope_half_split_reference` (HF's `rotate_half`, for un-permuted rows),
 `attention_reference` (the batched causal GQA attention the kernels are tested against), and
-`permute_qk_rows_to_gguf` / `permute_qk_rows_from_gguf`. What does not: loading (`gguf.py`),
-tokenizing, sampling, caches.
+`permute_qk_rows_to_gguf` / `permute_qk_rows_from_gguf`, and the float64 twins of speculative
+decoding (`residual_probs_reference`, `speculative_block_reference`: every draft / accept /
+reject path of one step enumerated exactly). What does not: loading (`gguf.py`), tokenizing,
+sampling, caches.
 
 Axis letters (`shared/DESIGN.md`): B batch, T query length, S key length, N query heads,
 K KV heads, G = N // K, H head dim, D model width, F FFN width, V vocabulary, R LoRA rank.
@@ -237,3 +239,60 @@ def forward_reference(
     x = rms_norm_reference(x, weight("output_norm.weight"), config.norm_eps)  # [T, D]
     out_name = "token_embd.weight" if config.tied_embeddings else "output.weight"
     return x @ weight(out_name).T  # [T, D] @ [D, V] -> [T, V]
+
+
+# --- speculative decoding: the exact distribution of one step -------------------------------
+
+
+def residual_probs_reference(target_probs: np.ndarray, draft_probs: np.ndarray) -> np.ndarray:
+    """Float64 twin of `residual_probs` for one position ([V], [V] -> [V])."""
+    excess = np.maximum(np.asarray(target_probs, np.float64) - draft_probs, 0.0)
+    total = excess.sum()
+    return excess / total if total > 0 else np.asarray(target_probs, np.float64)
+
+
+def speculative_block_reference(
+    target_probs_fn: Callable[[tuple[int, ...]], np.ndarray],
+    draft_probs_fn: Callable[[tuple[int, ...]], np.ndarray],
+    context: tuple[int, ...],
+    num_draft_tokens: int,
+    residual: Callable[[np.ndarray, np.ndarray], np.ndarray] = residual_probs_reference,
+) -> dict[tuple[int, ...], float]:
+    """Enumerate every draft / accept / reject path of one step exactly, in float64.
+
+    Args:
+      target_probs_fn, draft_probs_fn: context (a tuple of token ids) -> [V] float64, the
+        distribution each model samples the next token from (p and q).
+      context: the tokens so far.
+      num_draft_tokens: k.
+      residual: (p, q) -> [V], the distribution a rejection resamples from (a parameter so
+        that tests can plant a wrong one).
+
+    Returns:
+      {emitted block (1..k+1 tokens): probability}; the values sum to 1.
+    """
+    blocks: dict[tuple[int, ...], float] = {}
+
+    def add(block, weight):
+        blocks[block] = blocks.get(block, 0.0) + weight
+
+    def visit(prefix: tuple[int, ...], weight: float) -> None:
+        """`weight`: probability that the draft proposed `prefix` and all of it was accepted."""
+        target = target_probs_fn(context + prefix)
+        if len(prefix) == num_draft_tokens:
+            for token in np.flatnonzero(target):  # bonus token from p
+                add((*prefix, int(token)), weight * target[token])
+            return
+        draft = draft_probs_fn(context + prefix)
+        for token in np.flatnonzero(draft):  # the draft proposes token with probability q
+            proposed = weight * draft[token]
+            keep = min(1.0, target[token] / draft[token])
+            if keep > 0:
+                visit((*prefix, int(token)), proposed * keep)
+            if keep < 1:
+                fix = residual(target, draft)
+                for other in np.flatnonzero(fix):
+                    add((*prefix, int(other)), proposed * (1.0 - keep) * fix[other])
+
+    visit((), 1.0)
+    return blocks

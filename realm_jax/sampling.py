@@ -103,10 +103,12 @@ class SamplingParams:
             raise RequestError(f"SamplingParams.from_rows needs rj.Sampling rows, got {rows!r}")
         # top_k beyond int32 means "off" anyway; clip so that the cast cannot wrap around.
         top_k = [min(int(row.top_k), np.iinfo(np.int32).max) for row in rows]
+        # NumPy leaves: a jitted step takes them as a plain transfer, so building a batch's
+        # parameters runs no device program (and cannot compile one after a warm-up).
         return cls(
-            temperature=jnp.asarray([row.temperature for row in rows], jnp.float32),
-            top_k=jnp.asarray(top_k, jnp.int32),
-            top_p=jnp.asarray([row.top_p for row in rows], jnp.float32),
+            temperature=np.asarray([row.temperature for row in rows], np.float32),
+            top_k=np.asarray(top_k, np.int32),
+            top_p=np.asarray([row.top_p for row in rows], np.float32),
             filtering=any(row.filters for row in rows),
         )
 

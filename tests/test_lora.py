@@ -13,12 +13,13 @@ import pytest
 from safetensors.numpy import save_file
 
 import realm_jax as rj
-from realm_jax.batching import prompt_logits
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
 from realm_jax.lora import adapter_nbytes, read_adapter_tensors
 from realm_jax.model import stack_layers
 from realm_jax.reference import forward_reference, permute_qk_rows_to_gguf
+from realm_jax.steps.decode import prompt_logits
+from realm_jax.steps.state import StepSpec, Weights
 from realm_jax.testing import assert_close, random_tensors, write_gguf
 
 CONFIG = tiny(vocab_size=300)  # GQA: 4 query heads, 2 KV heads of 16 dims
@@ -251,15 +252,10 @@ def _batch_logits(model, rows, stack, ids):
     tokens = np.zeros((len(rows), 32), np.int32)
     for b, row in enumerate(rows):
         tokens[b, : len(row)] = row
-    counts = jnp.asarray([len(r) for r in rows], jnp.int32)
-    out = prompt_logits(
-        model.params,
-        jnp.asarray(tokens),
-        counts,
-        stack,
-        jnp.asarray(ids, jnp.int32),
-        config=model.config,
-    )
+    counts = np.asarray([len(r) for r in rows], np.int32)
+    weights = Weights(model.params, lora=stack)
+    spec = StepSpec(model.config, 32)
+    out = prompt_logits(weights, tokens, counts, np.asarray(ids, np.int32), spec=spec)
     return np.asarray(out)
 
 

@@ -4,17 +4,18 @@ decoding against one full forward, batched rows against rows alone, both layer l
 import copy
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import realm_jax as rj
-from realm_jax.batching import decode_loop, decode_step, prefill_step, prompt_logits
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
 from realm_jax.kv_cache import init_cache
 from realm_jax.reference import forward_reference
 from realm_jax.sampling import SamplingParams
+from realm_jax.steps.decode import append_and_sample, decode_step, prompt_logits
+from realm_jax.steps.loop import run_steps
+from realm_jax.steps.state import Caches, StepSpec, Weights, host_rows
 from realm_jax.testing import assert_close, cached_logits, random_tensors, write_gguf
 
 # (name, config, matrix storage type): tied and untied output, GQA and plain MHA, a partial
@@ -93,8 +94,10 @@ def test_batched_rows_equal_rows_alone(case):
         tokens = np.zeros((len(batch_rows), 32), np.int32)
         for b, row in enumerate(batch_rows):
             tokens[b, : len(row)] = row
-        counts = jnp.asarray([len(r) for r in batch_rows], jnp.int32)
-        return np.asarray(prompt_logits(model.params, jnp.asarray(tokens), counts, config=config))
+        counts = np.asarray([len(r) for r in batch_rows], np.int32)
+        ids = np.zeros(len(batch_rows), np.int32)
+        spec = StepSpec(config, 32)
+        return np.asarray(prompt_logits(Weights(model.params), tokens, counts, ids, spec=spec))
 
     batched = run(rows)
     others = [_prompt(model, n, seed=99 + n) for n in (3, 31)]
@@ -150,7 +153,7 @@ def test_generation_stops_after_eos(case):
 
 def test_steps_per_call_does_not_change_the_tokens(tmp_path_factory):
     """`stream` runs up to `steps_per_call` decode steps per device call
-    (`batching.decode_loop`): greedy and sampled tokens are the same at 1, 3 and 8 per call,
+    (`steps.loop.run_steps`): greedy and sampled tokens are the same at 1, 3 and 8 per call,
     and EOS ends the output right after it, also in the middle of a call. (On this case
     greedy output depends on each fed token: feeding a call's first token at every step
     fails here.)"""
@@ -175,47 +178,47 @@ def test_steps_per_call_does_not_change_the_tokens(tmp_path_factory):
             rj.generate(model, ids, 4, steps_per_call=bad)
 
 
-def test_decode_loop_stops_each_row_at_its_stop_id(tmp_path_factory):
-    """Two rows in one `decode_loop` call: each row's tokens are those of `decode_step` called
+def test_run_steps_stops_each_row_at_its_stop_id(tmp_path_factory):
+    """Two rows in one `run_steps` call: each row's tokens are those of `decode_step` called
     once per step; the row whose stop id comes up stops right after it (its count and its
     cache length stop there), the other runs every step."""
     model, _ = _load(*CASES[0], tmp_path_factory)
     config, steps = model.config, 6
     prompts = np.asarray([_prompt(model, 8, seed=5), _prompt(model, 8, seed=6)], np.int32)
-    lengths = jnp.asarray([8, 5], jnp.int32)  # row 1's prompt is its first 5 ids
-    rows = SamplingParams.from_rows([rj.Sampling()] * 2)
-    zeros = jnp.zeros((2,), jnp.int32)
+    lengths = np.asarray([8, 5], np.int32)  # row 1's prompt is its first 5 ids
+    sampling = SamplingParams.from_rows([rj.Sampling()] * 2)
+    zeros = np.zeros((2,), np.int32)
+    weights = Weights(model.params)
 
-    def prefilled():
+    def prefilled(stop_ids):
         cache = init_cache(config, 2, 32, model.dtype)
-        first, _, cache = prefill_step(
-            model.params, jnp.asarray(prompts), lengths, cache, rows, zeros, zeros,
-            config=config, attn_len=8,
-        )  # fmt: skip
-        return first, cache
+        rows = host_rows(zeros, [True, True], [100, 100], stop_ids, sampling, zeros, zeros, zeros)
+        first, _, cache = append_and_sample(
+            model.params, None, prompts, lengths, cache, rows, StepSpec(config, 8)
+        )
+        return dataclasses.replace(rows, tokens=first), cache
 
-    token, cache = prefilled()
+    rows, cache = prefilled([-1, -1])
     expected = []
     for _ in range(steps):
-        token, _, cache = decode_step(
-            model.params, token, jnp.ones((2,), bool), cache, rows, zeros, zeros,
-            config=config, attn_len=32,
-        )  # fmt: skip
+        token, _, cache = decode_step(weights, rows, cache, spec=StepSpec(config, 32))
+        rows = dataclasses.replace(rows, tokens=token)
         expected.append(np.asarray(token))
     expected = np.stack(expected, axis=1)  # [2, steps]
     stop = int(expected[0, 2])
     stops_at = expected[0].tolist().index(stop) + 1  # row 0's tokens up to its stop id
-    token, cache = prefilled()
-    out, counts, last, active, cache = decode_loop(
-        model.params, token, jnp.ones((2,), bool), cache, rows, zeros, zeros, np.int32(steps),
-        jnp.asarray([stop, -1], jnp.int32), config=config, attn_len=32, max_steps=steps,
+    rows, cache = prefilled([stop, -1])
+    rows, caches, out = run_steps(
+        weights, rows, Caches(cache), np.ones(2, bool), np.int32(steps), np.bool_(False),
+        spec=StepSpec(config, 32), max_steps=steps,
     )  # fmt: skip
-    assert np.asarray(counts).tolist() == [stops_at, steps]
-    assert np.asarray(out)[0, :stops_at].tolist() == expected[0, :stops_at].tolist()
-    assert np.asarray(out)[1].tolist() == expected[1].tolist()
-    assert np.asarray(active).tolist() == [False, True]
-    assert np.asarray(last).tolist() == [stop, int(expected[1, -1])]
-    assert np.asarray(cache.lengths).tolist() == [8 + stops_at, 5 + steps]
+    assert np.asarray(out.counts).tolist() == [stops_at, steps]
+    assert np.asarray(out.tokens)[0, :stops_at].tolist() == expected[0, :stops_at].tolist()
+    assert np.asarray(out.tokens)[1].tolist() == expected[1].tolist()
+    assert np.asarray(out.active).tolist() == [False, True]
+    assert np.asarray(rows.tokens).tolist() == [stop, int(expected[1, -1])]
+    assert np.asarray(rows.remaining).tolist() == [100 - stops_at, 100 - steps]
+    assert np.asarray(caches.target.lengths).tolist() == [8 + stops_at, 5 + steps]
 
 
 def test_padding_does_not_change_prefix_logits():
@@ -227,12 +230,9 @@ def test_padding_does_not_change_prefix_logits():
     for t, pad in [(12, 16), (24, 32), (12, 64)]:
         tokens = np.full((1, pad), 7, np.int32)
         tokens[0, :t] = ids[:t]
-        out = prompt_logits(
-            params,
-            jnp.asarray(tokens),
-            jnp.asarray([t], jnp.int32),
-            config=config,
-        )
+        zero = np.zeros((1,), np.int32)
+        spec = StepSpec(config, pad)
+        out = prompt_logits(Weights(params), tokens, np.asarray([t], np.int32), zero, spec=spec)
         results.append(np.asarray(out[0, :12]))
     assert_close(results[1], results[0], what="longer input")
     assert_close(results[2], results[0], what="more padding")

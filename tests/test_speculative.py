@@ -1,5 +1,5 @@
 """Speculative decoding: greedy output is plain greedy's (several k and drafts, batched and
-alone, host and device loops), the sampled output has exactly the target's distribution
+alone, 1 or several steps per device call), the sampled output has exactly the target's distribution
 (every path enumerated in float64, and a chi-square test of the jitted step with a positive
 control), edge cases (EOS inside a block, truncation, capacity), drafts and validation."""
 
@@ -14,26 +14,24 @@ import pytest
 from test_sampling import chi2_critical, chi2_sf
 
 import realm_jax as rj
-from realm_jax import speculative
-from realm_jax.batching import prefill_step
+from realm_jax import engine as engine_module
 from realm_jax.config import tiny
 from realm_jax.errors import RealmError, RequestError
+from realm_jax.generation import SpeculativeStats
 from realm_jax.kv_cache import init_cache
 from realm_jax.lora import LoraAdapter, adapter_from_tensors
 from realm_jax.model import params_from_tensors, stack_layers
-from realm_jax.reference import forward_reference
-from realm_jax.sampling import Sampling, SamplingParams, sampling_probs_reference
-from realm_jax.speculative import (
-    SpeculativeState,
-    layer_skip_draft,
+from realm_jax.reference import (
+    forward_reference,
     residual_probs_reference,
     speculative_block_reference,
 )
-from realm_jax.speculative_generation import (
-    SpeculativeStats,
-    speculative_rows,
-    speculative_stream,
-)
+from realm_jax.requests import GREEDY
+from realm_jax.sampling import Sampling, SamplingParams, sampling_probs_reference
+from realm_jax.steps import speculative
+from realm_jax.steps.decode import append_and_sample
+from realm_jax.steps.drafts import draft_spec, layer_skip_draft
+from realm_jax.steps.state import Caches, StepSpec, Weights, emit, host_rows
 from realm_jax.testing import assert_close, random_tensors
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -47,6 +45,11 @@ PROMPTS = [np.random.default_rng(n).integers(3, 300, n).tolist() for n in (9, 14
 
 def _model(config, tensors, stacked=False) -> rj.Model:
     return rj.Model(config, params_from_tensors(config, tensors, stacked=stacked), None)
+
+
+def speculative_stream(model, ids, max_new_tokens=32, sampling=GREEDY, seed=0, **kwargs):
+    """`rj.stream` with a draft (kwargs: draft, num_draft_tokens, stats, ...)."""
+    return rj.stream(model, ids, max_new_tokens, sampling, seed, **kwargs)
 
 
 def _damped_tensors(config, seed):
@@ -123,22 +126,25 @@ BATCH_BUDGETS = [28, 24, 19]
 BATCH_SAMPLED = Sampling(temperature=0.9, top_k=40, top_p=0.95)
 
 
-def _run_batch(target, draft, loop):
-    """Three rows of different prompt lengths and budgets, greedy, sampled and greedy (draft
-    skip3, k = 2); tokens per row."""
-    rows = [[] for _ in BATCH_PROMPTS]
+def _run_batch(target, draft, steps_per_call):
+    """Three rows of different prompt lengths and budgets in one engine, greedy, sampled and
+    greedy (k = 2); tokens per row."""
+    engine = rj.Engine(
+        target, max_batch=3, max_seq_len=64, draft=draft, num_draft_tokens=2,
+        steps_per_call=steps_per_call,
+    )  # fmt: skip
     samplings = [Sampling(), BATCH_SAMPLED, Sampling()]
-    for row, token in speculative_rows(
-        target, BATCH_PROMPTS, BATCH_BUDGETS, samplings, [0, 7, 0], draft=draft,
-        num_draft_tokens=2, request_ids=[0, 1, 2], loop=loop,
-    ):  # fmt: skip
-        rows[row].append(token)
-    return rows
+    ids = [
+        engine.submit(p, n, s, seed)
+        for p, n, s, seed in zip(BATCH_PROMPTS, BATCH_BUDGETS, samplings, [0, 7, 0], strict=True)
+    ]
+    results = engine.run()
+    return [results[i] for i in ids]
 
 
 @pytest.fixture(scope="module")
 def batch_host(target, drafts):
-    return _run_batch(target, drafts["skip3"], "host")
+    return _run_batch(target, drafts["skip3"], 8)
 
 
 def test_batched_rows_equal_rows_alone(target, drafts, batch_host):
@@ -150,7 +156,7 @@ def test_batched_rows_equal_rows_alone(target, drafts, batch_host):
         list(
             speculative_stream(
                 target, BATCH_PROMPTS[1], BATCH_BUDGETS[1], BATCH_SAMPLED, 7,
-                draft=drafts["skip3"], num_draft_tokens=2, request_id=1,
+                draft=drafts["skip3"], num_draft_tokens=2,
             )
         )
         for _ in range(2)
@@ -160,9 +166,10 @@ def test_batched_rows_equal_rows_alone(target, drafts, batch_host):
 
 
 @pytest.mark.slow
-def test_device_loop_equals_host_loop(target, drafts, batch_host):
-    """The `lax.while_loop` variant yields the host loop's tokens, greedy and sampled rows."""
-    assert _run_batch(target, drafts["skip3"], "device") == batch_host
+def test_one_step_per_call_equals_several(target, drafts, batch_host):
+    """One speculative step per device call yields the tokens of 8 per call, greedy and
+    sampled rows."""
+    assert _run_batch(target, drafts["skip3"], 1) == batch_host
 
 
 # --- edge cases -----------------------------------------------------------------------------
@@ -196,30 +203,23 @@ def test_max_new_tokens_mid_block_truncates(target, full_draft, plain):
 
 @pytest.fixture
 def step_spy(monkeypatch) -> list[dict]:
-    """Record every `speculative_step` call: lengths before, capacity, k, the draft's params
-    and forward kwargs, and a host copy of the state after (taken before the next call
-    donates it)."""
+    """Record every `run_steps` call the engine makes: lengths and active rows before,
+    capacity, the spec, and a host copy of the caches after (taken before the next call
+    donates them)."""
     calls = []
-    step = speculative.speculative_step
+    run = engine_module.run_steps
 
-    def spy(*args, **kwargs):
-        cache = args[2].target_cache
-        before, capacity = np.asarray(cache.lengths), cache.capacity  # read before donation
-        out = step(*args, **kwargs)
-        state = jax.tree.map(np.asarray, out[0])
+    def spy(weights, rows, caches, live, *args, **kwargs):
+        before, capacity = np.asarray(caches.target.lengths), caches.target.capacity
+        active = np.asarray(rows.active) & live
+        out = run(weights, rows, caches, live, *args, **kwargs)
+        after = jax.tree.map(np.asarray, out[1])
         calls.append(
-            dict(
-                before=before,
-                capacity=capacity,
-                k=kwargs["num_draft_tokens"],
-                state=state,
-                draft_params=args[1],
-                draft_kwargs=args[8],
-            )
+            dict(before=before, active=active, capacity=capacity, spec=kwargs["spec"], caches=after)
         )
         return out
 
-    monkeypatch.setattr(speculative, "speculative_step", spy)
+    monkeypatch.setattr(engine_module, "run_steps", spy)
     return calls
 
 
@@ -231,18 +231,20 @@ def test_caches_hold_exactly_the_emitted_prefix(target, full_draft, drafts, step
     draft (the full-depth draft accepts every block; skip1 rejects often)."""
     draft = full_draft if name == "full" else drafts["skip1"]
     out = list(speculative_stream(target, PROMPTS[1], MAX_NEW, draft=draft, num_draft_tokens=4))
-    state = step_spy[-1]["state"]
-    n = int(state.target_cache.lengths[0])
-    assert int(state.draft_cache.lengths[0]) == n
+    caches = step_spy[-1]["caches"]
+    n = int(caches.target.lengths[0])
+    assert int(caches.draft.lengths[0]) == n
     sequence = PROMPTS[1] + rj.generate(target, PROMPTS[1], 32)
     assert out == sequence[len(PROMPTS[1]) :][:MAX_NEW] and n - len(PROMPTS[1]) <= 32
-    for model, cache in ((target, state.target_cache), (draft, state.draft_cache)):
+    greedy = host_rows(
+        [0], [True], [1], [-1], SamplingParams.from_rows([Sampling()]), [0], [0], [0]
+    )
+    for model, cache in ((target, caches.target), (draft, caches.draft)):
         fresh = init_cache(model.config, 1, 64)
-        greedy, zero = SamplingParams.from_rows([Sampling()]), jnp.zeros((1,), jnp.int32)
-        tokens = jnp.asarray([sequence[:n] + [0] * (64 - n)], jnp.int32)
-        _, _, expected = prefill_step(
-            model.params, tokens, jnp.asarray([n], jnp.int32), fresh, greedy, zero, zero,
-            config=model.config, attn_len=64,
+        tokens = np.asarray([sequence[:n] + [0] * (64 - n)], np.int32)
+        _, _, expected = append_and_sample(
+            model.params, None, tokens, np.asarray([n], np.int32), fresh, greedy,
+            StepSpec(model.config, 64),
         )  # fmt: skip
         for layer in range(model.config.n_layers):
             for kv in ("k", "v"):
@@ -261,14 +263,14 @@ def test_cache_never_exceeds_capacity_at_the_context_limit(target, full_draft, s
     prompt = np.random.default_rng(3).integers(3, 300, 100).tolist()
     out = list(speculative_stream(target, prompt, CONTEXT - 100, draft=full_draft))
     assert out == rj.generate(target, prompt, CONTEXT - 100)
-    assert step_spy
-    for call in step_spy:
-        assert call["before"].max() + call["k"] < call["capacity"]
-        state = call["state"]
-        assert (
-            max(state.target_cache.lengths.max(), state.draft_cache.lengths.max())
-            <= call["capacity"]
-        )
+    calls = [call for call in step_spy if call["spec"].draft is not None]  # not generate's
+    assert calls
+    for call in calls:  # a call dispatched after the row stopped finds it inactive
+        k = call["spec"].draft.num_draft_tokens
+        assert (call["before"][call["active"]] + k < call["capacity"]).all()
+        caches = call["caches"]
+        assert max(caches.target.lengths.max(), caches.draft.lengths.max()) <= call["capacity"]
+        assert caches.target.lengths.max() <= call["spec"].attn_len
 
 
 def _random_adapter(config, seed=0) -> LoraAdapter:
@@ -286,25 +288,23 @@ def _random_adapter(config, seed=0) -> LoraAdapter:
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("unmerged", marks=pytest.mark.slow), "merged"])
-def test_layer_skip_draft_runs_the_requests_adapter(target, drafts, plain, step_spy, strategy):
-    """With an adapter the output is the adapted target's greedy output, and the layer-skip
-    draft runs the adapter on its layers (the stack's first 3 layers, or merged weights)."""
+def test_layer_skip_draft_runs_the_requests_adapter(target, full_draft, plain, strategy):
+    """With an adapter the output is the adapted target's greedy output, and a layer-skip
+    draft runs the adapter on its layers (merged weights, or the stack's layers): at full
+    depth it is then the adapted target itself and every draft token is accepted. The
+    control: the target as a separate draft model runs without the adapter, and is rejected
+    where the adapter changes the argmax."""
     adapter = _random_adapter(target.config)
     expected = rj.generate(target, PROMPTS[0], MAX_NEW, adapter=adapter, lora_strategy=strategy)
     assert expected != plain[0]
-    out = speculative_stream(
-        target, PROMPTS[0], MAX_NEW, draft=drafts["skip3"], num_draft_tokens=2,
-        adapter=adapter, lora_strategy=strategy,
-    )  # fmt: skip
-    assert list(out) == expected
-    draft_params, draft_kwargs = step_spy[0]["draft_params"], step_spy[0]["draft_kwargs"]
-    assert len(draft_params.layers) == 3
-    if strategy == "unmerged":
-        assert len(draft_kwargs["lora"].layers) == 3
-        assert all(a is b for a, b in zip(draft_params.layers, target.params.layers, strict=False))
-    else:
-        assert not draft_kwargs
-        assert draft_params.layers[0].wqkv is not target.params.layers[0].wqkv  # merged
+    for draft, accepts_all in ((full_draft, True), (target, False)):
+        stats = SpeculativeStats()
+        out = speculative_stream(
+            target, PROMPTS[0], MAX_NEW, draft=draft, num_draft_tokens=2, adapter=adapter,
+            lora_strategy=strategy, stats=stats,
+        )  # fmt: skip
+        assert list(out) == expected
+        assert stats.drafted > 0 and (stats.accepted == stats.drafted) == accepts_all
 
 
 # --- drafts and validation -------------------------------------------------------------------
@@ -341,11 +341,14 @@ def test_bad_drafts_and_options_raise(target, drafts):
             list(
                 speculative_stream(target, PROMPTS[0], 4, draft=drafts["skip1"], num_draft_tokens=k)
             )
-    with pytest.raises(RealmError, match="loop"):
-        list(speculative_stream(target, PROMPTS[0], 4, draft=drafts["skip1"], loop="gpu"))
     with pytest.raises(RequestError, match="context length"):
         list(speculative_stream(target, PROMPTS[0], CONTEXT, draft=drafts["skip1"]))
-    assert list(speculative_stream(target, PROMPTS[0], 0, draft=drafts["skip1"])) == []
+    with pytest.raises(RequestError, match="max_new_tokens"):
+        list(speculative_stream(target, PROMPTS[0], 0, draft=drafts["skip1"]))
+    other_target = _model(target.config, random_tensors(target.config, seed=3))
+    with pytest.raises(RealmError, match="layer-skip draft"):
+        rj.Engine(target, 2, 64, draft=layer_skip_draft(_model(tiny(), random_tensors(tiny())), 1))
+    rj.Engine(target, 2, 64, draft=layer_skip_draft(other_target, 1))  # same config: a draft
 
 
 # --- sampling is lossless: exact enumeration in float64 --------------------------------------
@@ -519,45 +522,52 @@ def _exact_pairs(small_pair, setting, residual=residual_probs_reference) -> np.n
 
 def _draw_pairs(small_pair, setting, step) -> np.ndarray:
     """[V, V] counts of the first two tokens emitted after FIRST by N rows (seeds 0..N-1)
-    running `step` (a jitted speculative step) until each row has two."""
+    running `step` (a jitted speculative step and the stop rule) until each row has two."""
     (target, _, _), (draft, _, _) = small_pair
     t = len(CHI2_PROMPT)
+    tokens = np.asarray([CHI2_PROMPT], np.int32)
+    greedy = host_rows(
+        [0], [True], [1], [-1], SamplingParams.from_rows([Sampling()]), [0], [0], [0]
+    )
     caches = []
     for m in (target, draft):  # prefill one row, then repeat it N times
         cache = init_cache(m.config, 1, 16)
-        tokens = jnp.asarray([CHI2_PROMPT], jnp.int32)
-        greedy = SamplingParams.from_rows([Sampling()])
-        zero = jnp.zeros((1,), jnp.int32)
-        _, _, cache = prefill_step(
-            m.params, tokens, jnp.asarray([t], jnp.int32), cache, greedy, zero, zero,
-            config=m.config, attn_len=t,
-        )  # fmt: skip
+        _, _, cache = append_and_sample(
+            m.params, None, tokens, np.asarray([t], np.int32), cache, greedy, StepSpec(m.config, t)
+        )
         caches.append(jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache))
-    state = SpeculativeState(
-        tokens=jnp.full((N,), FIRST, jnp.int32),
-        target_cache=caches[0],
-        draft_cache=caches[1],
-    )
+    caches = Caches(*caches)
+    zeros = np.zeros(N, np.int32)
     sampling = SamplingParams.from_rows([Sampling(*setting)] * N)
-    seeds = jnp.arange(N, dtype=jnp.int32)
+    rows = host_rows(
+        np.full(N, FIRST), np.ones(N, bool), np.full(N, 2), np.full(N, -1), sampling,
+        np.arange(N), zeros, zeros,
+    )  # fmt: skip
+    spec = StepSpec(target.config, 16, "xla", draft_spec(draft, STEP_K))
+    weights = Weights(target.params, draft=draft.params)
     out = np.full((N, 2), -1)
     count = np.zeros(N, int)
     while (count < 2).any():
-        active = count < 2
-        state, emitted, accepted = step(
-            target.params, draft.params, state, jnp.asarray(active), sampling, seeds,
-            jnp.zeros((N,), jnp.int32), {}, {}, target_config=target.config,
-            draft_config=draft.config, num_draft_tokens=STEP_K, attn_len=16,
-            implementation="xla",
-        )  # fmt: skip
-        emitted, accepted = np.asarray(emitted), np.asarray(accepted)
-        for row in np.flatnonzero(active):
-            take = min(2 - count[row], accepted[row] + 1)
-            out[row, count[row] : count[row] + take] = emitted[row, :take]
-            count[row] += take
+        rows, caches, emitted, keep = step(weights, rows, caches, spec=spec)
+        emitted, keep = np.asarray(emitted), np.asarray(keep)
+        for row in np.flatnonzero(keep):
+            out[row, count[row] : count[row] + keep[row]] = emitted[row, : keep[row]]
+            count[row] += keep[row]
     return np.bincount(out[:, 0] * V_SMALL + out[:, 1], minlength=V_SMALL**2).reshape(
         V_SMALL, V_SMALL
     )
+
+
+def _jitted_step():
+    """A fresh jit (its trace cache is keyed by the function) of one speculative step and
+    the stop rule, as `run_steps`' body runs them."""
+
+    def step(weights, rows, caches, *, spec):
+        caches, emitted, accepted = speculative.speculative_step(weights, rows, caches, spec)
+        rows, keep = emit(rows, emitted, jnp.where(rows.active, accepted + 1, 0))
+        return rows, caches, emitted, keep
+
+    return jax.jit(step, static_argnames=("spec",))
 
 
 def _chi_square(counts: np.ndarray, exact: np.ndarray) -> tuple[float, int, int]:
@@ -586,7 +596,7 @@ def _power(exact: np.ndarray, alternative: np.ndarray, df: int) -> float:
 
 @pytest.fixture(scope="module")
 def jitted_step():
-    return jax.jit(speculative.speculative_step_unjitted, static_argnames=speculative.STEP_STATICS)
+    return _jitted_step()
 
 
 @pytest.mark.slow
@@ -617,11 +627,7 @@ def test_jitted_step_draws_the_target_distribution(small_pair, jitted_step, sett
 def test_jitted_step_with_a_wrong_residual_fails(small_pair, monkeypatch):
     """Positive control: the same test on a step whose rejections resample from p rejects."""
     monkeypatch.setattr(speculative, "residual_probs", lambda target, draft: target)
-
-    def fresh(*args, **kwargs):  # a new function: jit's trace cache is keyed by the function
-        return speculative.speculative_step_unjitted(*args, **kwargs)
-
-    wrong_step = jax.jit(fresh, static_argnames=speculative.STEP_STATICS)
+    wrong_step = _jitted_step()
     setting = CHI2_SETTINGS["t1"]
     counts = _draw_pairs(small_pair, setting, wrong_step)
     p_value, _, _ = _chi_square(counts, _exact_pairs(small_pair, setting))
@@ -657,11 +663,10 @@ def test_real_model_batched_equals_golden(smollm2_stacked, golden):
     """Four prompts of 4 to 46 tokens in one batch (draft: 26 layers, k = 3), layers stacked."""
     names = ["capital", "once", "code", "chat"]
     prompts = [golden[f"ids_{name}"].tolist() for name in names]
-    rows = [[] for _ in names]
-    for row, token in speculative_rows(
-        smollm2_stacked, prompts, [32] * 4, [Sampling()] * 4, [0] * 4, False,
-        draft=layer_skip_draft(smollm2_stacked, 26), num_draft_tokens=3,
-    ):  # fmt: skip
-        rows[row].append(token)
+    draft = layer_skip_draft(smollm2_stacked, 26)
+    engine = rj.Engine(smollm2_stacked, 4, 128, draft=draft, num_draft_tokens=3)
+    ids = [engine.submit(prompt, 32, stop_at_eos=False) for prompt in prompts]
+    results = engine.run()
+    rows = [results[i] for i in ids]
     for name, out in zip(names, rows, strict=True):
         assert out == golden[f"gen_{name}"].tolist(), name
