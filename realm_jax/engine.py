@@ -155,10 +155,11 @@ class Engine:
         self._per_step = 1 if draft is None else num_draft_tokens + 1
         # A speculative step writes k + 1 positions past a row's length before rolling back.
         self._capacity = max_seq_len + (self._per_step if draft is not None else 0)
-        target_cache = self._new_cache(model)
+        target_cache = self._new_cache(model.config, model)
         draft_cache = None
-        if draft is not None:
-            draft_cache = self._new_cache(model if isinstance(draft, LayerSkipDraft) else draft)
+        if draft is not None:  # a layer-skip draft: the target's layout, its own depth
+            layout = model if isinstance(draft, LayerSkipDraft) else draft
+            draft_cache = self._new_cache(draft.config, layout)
         self._caches = Caches(target=target_cache, draft=draft_cache)
         # Whether any request so far filters by top-k / top-p: set by the first that does and
         # never cleared, so an engine switches programs at most once (greedy-only traffic
@@ -179,9 +180,10 @@ class Engine:
         self._stack = None
         self._eos = model.tokenizer.eos_id if model.tokenizer is not None else None
 
-    def _new_cache(self, model: Model):
-        stacked = not isinstance(model.params.layers, tuple)
-        return init_cache(model.config, self.max_batch, self._capacity, model.dtype, stacked)
+    def _new_cache(self, config, layout: Model):
+        """A cache of `config`'s layers in `layout`'s layer layout and dtype."""
+        stacked = not isinstance(layout.params.layers, tuple)
+        return init_cache(config, self.max_batch, self._capacity, layout.dtype, stacked)
 
     def _idle_rows(self, filtering: bool | None = None):
         """Rows for an engine with every slot free (host arrays: no device program runs)."""

@@ -119,7 +119,7 @@ def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
     if stacked:
         k, v = put(cache.k, row.k), put(cache.v, row.v)
     else:
-        k = tuple(map(put, cache.k, row.k))
-        v = tuple(map(put, cache.v, row.v))
+        k = tuple(put(a, b) for a, b in zip(cache.k, row.k, strict=True))
+        v = tuple(put(a, b) for a, b in zip(cache.v, row.v, strict=True))
     lengths = jax.lax.dynamic_update_slice(cache.lengths, row.lengths, (slot,))
     return KVCache(k=k, v=v, lengths=lengths)
