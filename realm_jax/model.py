@@ -3,22 +3,24 @@
 Axis legend (JAX's own, used in every shape comment and einsum string of the project):
 B batch, T query length, S key/value (cache) length, N query heads, K KV heads,
 G = N // K, H head dim, D model width, F FFN width, V vocabulary, L layers,
-R LoRA rank, M adapters in a LoRA stack.
+R LoRA rank, A adapters in a LoRA stack. Flattened axes get letters of their own: I and O a
+weight's input and output dims, E = A * R (every adapter's rank components side by side), Q
+= G * T query rows (attention), P those rows padded (Pallas), C key chunks (flash-decoding).
 
-No I/O here: `params_from_tensors` takes arrays that `gguf.read_gguf` produced. Layers are
+No I/O here, and no GGUF names: `layout.params_from_tensors` arranges what `gguf.read_gguf`
+read into these pytrees. Layers are
 either stacked ([L, ...] leaves, iterated with `lax.scan`) or a tuple of per-layer pytrees
 (unrolled); `forward` runs either with the same block function (experiments/bench_decode.py
 measures both).
 
 LoRA: `forward(..., lora=stack, adapter_ids=ids)` adds each row's own low-rank delta inside
-the projections (`lora_delta`); the pytrees, loaders and merging live in `lora.py`, which
-imports this module (not the reverse). With `lora=None` the forward has no extra ops.
+the projections (`lora_delta`); the pytrees are `lora.tree`'s, and the loaders and merging
+(`lora.adapters`, which imports this module) are not imported here. With `lora=None` the
+forward has no extra ops.
 """
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,8 @@ import numpy as np
 
 from realm_jax.attention import attention
 from realm_jax.config import ModelConfig
-from realm_jax.gguf import TENSOR_TABLE
 from realm_jax.kv_cache import KVCache, window, write_layer, write_rows
-
-if TYPE_CHECKING:
-    from realm_jax.lora import LayerLora, LoraDelta, LoraStack
+from realm_jax.lora.tree import LayerLora, LoraDelta, LoraStack
 
 
 @jax.tree_util.register_dataclass
@@ -56,7 +55,7 @@ class LayerParams:
     Q/K/V and gate/up are fused because XLA's CPU matrix-vector product runs each call at a
     fixed overhead: one [N + 2K, H, D] product instead of three, and one [2F, D] instead of
     two, saved ~3.5 of ~38 ms of SmolLM2's per-token weight reads on the 2-core dev machine.
-    `FUSED` names the GGUF pieces of each fused leaf.
+    `layout.FUSED` names the GGUF pieces of each fused leaf.
     """
 
     attn_norm: jax.Array
@@ -65,13 +64,6 @@ class LayerParams:
     ffn_norm: jax.Array
     w_gate_up: jax.Array
     w_down: jax.Array
-
-
-# Fused LayerParams leaf -> (piece names from gguf.TENSOR_TABLE, concatenation axis).
-FUSED: dict[str, tuple[tuple[str, ...], int]] = {
-    "wqkv": (("wq", "wk", "wv"), 0),
-    "w_gate_up": (("w_gate", "w_up"), 0),
-}
 
 
 @jax.tree_util.register_dataclass
@@ -90,53 +82,6 @@ class Params:
     layers: LayerParams | tuple[LayerParams, ...]
     final_norm: jax.Array
     output: jax.Array
-
-
-def _to_layout(array: np.ndarray, layout: str, config: ModelConfig) -> np.ndarray:
-    if layout == "as_is":
-        return array
-    if layout == "out_heads":  # [heads*H, D] -> [heads, H, D]
-        return array.reshape(-1, config.head_dim, config.dim)
-    if layout == "in_heads":  # [D, N*H] -> [D, N, H]
-        return array.reshape(config.dim, config.n_heads, config.head_dim)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def params_from_tensors(
-    config: ModelConfig,
-    tensors: Mapping[str, np.ndarray],
-    dtype=jnp.float32,
-    stacked: bool = True,
-) -> Params:
-    """Arrange GGUF-named float arrays (see `gguf.TENSOR_TABLE`) into a `Params` pytree."""
-    top, per_layer = {}, [{} for _ in range(config.n_layers)]
-    for spec in TENSOR_TABLE:
-        if "{i}" not in spec.gguf_name:
-            if spec.gguf_name in tensors:
-                top[spec.leaf] = _to_layout(tensors[spec.gguf_name], spec.layout, config)
-            continue
-        for i in range(config.n_layers):
-            array = tensors[spec.gguf_name.format(i=i)]
-            per_layer[i][spec.leaf] = _to_layout(array, spec.layout, config)
-
-    for pieces in per_layer:
-        for leaf, (names, axis) in FUSED.items():
-            pieces[leaf] = np.concatenate([pieces.pop(name) for name in names], axis=axis)
-
-    def put(array: np.ndarray) -> jax.Array:
-        return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
-
-    if stacked:
-        layers = LayerParams(**{f: put(np.stack([p[f] for p in per_layer])) for f in per_layer[0]})
-    else:
-        layers = tuple(LayerParams(**{f: put(a) for f, a in p.items()}) for p in per_layer)
-    embed = put(top["embed"])
-    return Params(
-        embed=embed,
-        layers=layers,
-        final_norm=put(top["final_norm"]),
-        output=put(top["output"]) if "output" in top else embed,  # tied: one array
-    )
 
 
 @jax.jit
@@ -215,49 +160,53 @@ def linear(x: jax.Array, w: jax.Array, in_axes: int = 1, out_dtype=None) -> jax.
     return y.reshape(*lead, *out_dims)  # [rows, O] -> [..., *out]
 
 
-def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.Array:
-    """((x @ a.T) * scale) @ b with each row's own adapter from a stack of M.
+def lora_delta(x: jax.Array, delta: LoraDelta, adapter_ids: jax.Array) -> jax.Array:
+    """((x @ a.T) * scale) @ b with each row's own adapter from a stack of A.
 
-    Two forms of the same sum, chosen statically by the stack's size M against the batch's
+    Two forms of the same sum, chosen statically by the stack's size A against the batch's
     B rows:
-    - M <= 2 B (one adapter unmerged, or a serving stack up to twice the batch): every row
-      against all M adapters at once. The stack's a [M, R, *in] is one [M * R, in] matrix in
-      the [out, in] order of the base weights, so this is one product, then each row keeps
-      only its own adapter's R columns (the others set to 0) and one [M * R, out] product
+    - A <= 2 B (one adapter unmerged, or a serving stack up to twice the batch): every row
+      against all A adapters at once. The stack's a [A, R, *in] is one [E, I] matrix in the
+      [out, in] order of the base weights, so this is one product, then each row keeps
+      only its own adapter's R columns (the others set to 0) and one [E, O] product
       adds them up. It reads the whole stack once.
-    - M > 2 B: each row's a and b are gathered ([B, R, in], [B, R, out]), then two batched
-      products. It reads only the rows' own adapters, so it does not grow with M; but it
+    - A > 2 B: each row's a and b are gathered ([B, R, in], [B, R, out]), then two batched
+      products. It reads only the rows' own adapters, so it does not grow with A; but it
       reads each of them twice and writes it once (the gathered copy), hence the factor 2.
+
+    I and O are the weight's input and output dims flattened, E = A * R (every adapter's
+    rank components side by side).
 
     Args:
       x: [B, T, *in] the projection's input.
-      delta: a stacked `lora.LoraDelta`: a [M, R, *in], b [M, R, *out], scale [M, R].
-      adapter_ids: [B] int32 in 0..M-1, the adapter of each row (clamped into that range).
+      delta: a stacked `lora.LoraDelta`: a [A, R, *in], b [A, R, *out], scale [A, R].
+      adapter_ids: [B] int32 in 0..A-1, the adapter of each row (clamped into that range).
 
     Returns:
       [B, T, *out], in x's dtype.
     """
     if delta.scale.ndim != 2:
         raise ValueError(
-            f"lora must be a stack of adapters (scale [M, R], got {delta.scale.shape}): "
+            f"lora must be a stack of adapters (scale [A, R], got {delta.scale.shape}): "
             "build it with lora.stack_adapters"
         )
     b, t = x.shape[:2]
-    m, r = delta.scale.shape
+    num_adapters, r = delta.scale.shape
+    e = num_adapters * r
     out_dims = delta.b.shape[2:]
-    if m <= 2 * b:
-        low = linear(x, delta.a.reshape(m * r, *delta.a.shape[2:]), x.ndim - 2)  # [B, T, M*R]
-        ids = jnp.clip(adapter_ids, 0, m - 1)  # as the gather's mode="clip" below
-        own = ids[:, None, None] == jnp.arange(m, dtype=ids.dtype)[None, :, None]  # [B, M, 1]
-        own = jnp.broadcast_to(own, (b, m, r)).reshape(b, 1, m * r)  # [B, 1, M * R]
+    if num_adapters <= 2 * b:
+        low = linear(x, delta.a.reshape(e, *delta.a.shape[2:]), x.ndim - 2)  # [B, T, E]
+        ids = jnp.clip(adapter_ids, 0, num_adapters - 1)  # as the gather's mode="clip" below
+        own = ids[:, None, None] == jnp.arange(num_adapters, dtype=ids.dtype)[None, :, None]
+        own = jnp.broadcast_to(own, (b, num_adapters, r)).reshape(b, 1, e)  # [B, 1, E]
         # where, not a multiply by 0: another adapter's inf or NaN must not reach this row
-        low = jnp.where(own, low * delta.scale.reshape(1, 1, m * r), 0.0)
-        w_up = delta.b.reshape(m * r, -1)  # [M * R, O]
-        out = jnp.einsum("BTM,MO->BTO", low, w_up)
+        low = jnp.where(own, low * delta.scale.reshape(1, 1, e), 0.0)
+        w_up = delta.b.reshape(e, -1)  # [E, O]
+        out = jnp.einsum("BTE,EO->BTO", low, w_up)
         return out.reshape(b, t, *out_dims)
     x = x.reshape(b, t, -1)  # [B, T, I]
-    a = jnp.take(delta.a.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, I]
-    w_up = jnp.take(delta.b.reshape(m, r, -1), adapter_ids, axis=0, mode="clip")  # [B, R, O]
+    a = jnp.take(delta.a.reshape(num_adapters, r, -1), adapter_ids, axis=0, mode="clip")
+    w_up = jnp.take(delta.b.reshape(num_adapters, r, -1), adapter_ids, axis=0, mode="clip")
     scale = jnp.take(delta.scale, adapter_ids, axis=0, mode="clip")[:, None, :]  # [B, 1, R]
     low = jnp.einsum("BTI,BRI->BTR", x, a) * scale  # [B, T, R]
     return jnp.einsum("BTR,BRO->BTO", low, w_up).reshape(b, t, *out_dims)  # [B, T, *out]
@@ -266,7 +215,7 @@ def lora_delta(x: jax.Array, delta: "LoraDelta", adapter_ids: jax.Array) -> jax.
 def _plus_lora(
     y: jax.Array,
     x: jax.Array,
-    lora: "LayerLora | None",
+    lora: LayerLora | None,
     leaf: str,
     adapter_ids: jax.Array | None,
 ) -> jax.Array:
@@ -282,7 +231,7 @@ def _project_qkv(
     x: jax.Array,
     positions: jax.Array,
     config: ModelConfig,
-    lora: "LayerLora | None" = None,
+    lora: LayerLora | None = None,
     adapter_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm Q/K/V projections with RoPE: q [B, T, N, H], k and v [B, T, K, H]."""
@@ -300,7 +249,7 @@ def _mlp_block(
     layer: LayerParams,
     x: jax.Array,
     config: ModelConfig,
-    lora: "LayerLora | None" = None,
+    lora: LayerLora | None = None,
     adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Pre-norm SwiGLU MLP with its residual."""
@@ -323,7 +272,7 @@ def forward(
     config: ModelConfig,
     attn_len: int | None = None,
     implementation: str = "auto",
-    lora: "LoraStack | None" = None,
+    lora: LoraStack | None = None,
     adapter_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder over new tokens, writing their keys and values into the cache.
@@ -339,10 +288,10 @@ def forward(
       attn_len: static number of cache positions attention reads (a bucket >= max
         kv_lengths); None reads the whole capacity.
       implementation: attention implementation (see `rj.attention`).
-      lora: optional `lora.LoraStack` of M adapters ([M, ...] per-layer leaves, in the
+      lora: optional `lora.LoraStack` of A adapters ([A, ...] per-layer leaves, in the
         params' layer layout); each projection adds ((x @ a.T) * scale) @ b of the row's
         adapter. None (the default) adds no ops at all.
-      adapter_ids: [B] int32 in 0..M-1, each row's adapter in `lora` (None: all 0).
+      adapter_ids: [B] int32 in 0..A-1, each row's adapter in `lora` (None: all 0).
 
     Returns:
       (hidden [B, T, D] after the final norm, the updated cache with lengths = kv_lengths).

@@ -129,7 +129,7 @@ def encode_tensor(array: np.ndarray, qtype: gguf.GGMLQuantizationType, rng) -> n
 
 def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights for every tensor of `config`, in GGUF names and NumPy shapes."""
-    from realm_jax.gguf import TENSOR_TABLE
+    from realm_jax.layout import TENSOR_TABLE
 
     rng = np.random.default_rng(seed)
     tensors = {}

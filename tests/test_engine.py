@@ -6,7 +6,7 @@ import pytest
 
 import realm_jax as rj
 from realm_jax.config import tiny
-from realm_jax.lora import adapter_from_tensors
+from realm_jax.lora.adapters import adapter_from_tensors
 from realm_jax.testing import random_tensors, write_gguf
 
 CONTEXT = 128

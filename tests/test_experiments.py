@@ -2,9 +2,12 @@
 
 `gpu_suite.py --tiny` runs the attention, LoRA, speculative and batching experiments through
 their `run(tiny=True)`, so their results are checked there rather than run twice.
+
+The experiments folder goes on `sys.path` here, as it is for a script run from it, so that the
+experiments (and `common`, their shared module) import by name.
 """
 
-import importlib.util
+import importlib
 import inspect
 import json
 import logging
@@ -21,6 +24,8 @@ import realm_jax as rj
 from realm_jax.testing import TOLERANCES
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
 
 
 @pytest.mark.slow
@@ -37,7 +42,8 @@ def test_bench_decode_tiny(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
-    suite = _module("gpu_suite")
+    import gpu_suite as suite
+
     saved = []  # the part running at each save: the files are rewritten after every part
     markdown = suite.markdown
     monkeypatch.setattr(suite, "markdown", lambda r: saved.append(r["in_progress"]) or markdown(r))
@@ -72,6 +78,8 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     greedy = [row for row in speculative["rows"] if row["mode"] == "greedy"]
     assert greedy and all(row["matches_plain_greedy"] for row in greedy)
     assert speculative["loops"]["same_tokens"]
+    assert {"1 step per call", "8 steps per call"} <= set(speculative["loops"])
+    assert "1 step per call vs 8 steps per call" in table
 
     batching = result["batching_throughput"]
     policies = [row["policy"] for row in batching["rows"]]
@@ -91,18 +99,51 @@ def test_gpu_suite_tiny_and_the_experiments_it_runs(tmp_path, monkeypatch):
     assert "Cut off while running speculative_sweep" in cut
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_common_parser_folders_and_output(tmp_path, capsys):
+    """The shared command line and output: --tiny runs write to a fresh temporary folder
+    unless --out says where, a full run to the results (or an experiment's own folder
+    there); `write` leaves the JSON, the table and the plot, and prints the table; every
+    result's machine names the revision it measured."""
+    import common
+
+    args = common.parser("First line.\nMore.").parse_args(["--tiny"])
+    assert (args.tiny, args.model, args.out) == (True, None, None)
+    first, second = common.output_folder(args), common.output_folder(args)
+    assert first != second and first.is_dir() and common.RESULTS not in first.parents
+    args = common.parser("Doc.").parse_args(["--out", str(tmp_path / "a")])
+    assert common.output_folder(args) == tmp_path / "a" and (tmp_path / "a").is_dir()
+    args = common.parser("Doc.", model=False).parse_args([])
+    assert not hasattr(args, "model") and common.output_folder(args) == common.RESULTS
+    assert (
+        common.output_folder(args, tmp_path / "b") == tmp_path / "b" and (tmp_path / "b").is_dir()
+    )
+    assert common.model_path(False, "m.gguf") == Path("m.gguf")
+
+    def plot(result, path):
+        path.write_text(str(result["n"]))
+        return True
+
+    common.write("thing", dict(n=3), "| a |\n", tmp_path, plot)
+    assert json.loads((tmp_path / "thing.json").read_text()) == dict(n=3)
+    assert (tmp_path / "thing.md").read_text() == "| a |\n"
+    assert (tmp_path / "thing.png").read_text() == "3"
+    assert "| a |" in capsys.readouterr().out
+    machine = common.machine()
+    assert {"platform", "backend", "device", "jax", "jaxlib", "numpy"} <= set(machine)
+    if (EXPERIMENTS.parent / ".git").exists():  # a checkout (not a copied tree)
+        commit = machine["revision"].removesuffix("-dirty")
+        assert commit and all(c in "0123456789abcdef" for c in commit)
+    assert common.revision(tmp_path) is None  # not a git checkout
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert len(common.time_call(jnp.add, 1.0, 2.0, repeats=3)) == 3
 
 
 def test_gpu_suite_sizes_fit_each_experiment():
     """The suite's full-size arguments (only run on a GPU) bind to each experiment's `run`, and
     their plan keys are keys the experiment's own plans have: a typo here would only show on
     the GPU machine, in its short lease."""
-    suite = _module("gpu_suite")
+    import gpu_suite as suite
+
     own_plans = {
         "lora_strategies": lambda m: m.FULL_PLAN,
         "speculative_sweep": lambda m: m.PLANS["gpu"],
@@ -111,7 +152,8 @@ def test_gpu_suite_sizes_fit_each_experiment():
         "bench_attention", "lora_strategies", "speculative_sweep", "batching_throughput"
     }  # fmt: skip
     for part, kwargs in suite.PARTS.items():
-        module = _module(part)
+        module = importlib.import_module(part)
+        assert suite.MODULES[part] is module
         if part in suite.NEEDS_MODEL:
             kwargs = dict(kwargs, model_path="SmolLM2.gguf")
         inspect.signature(module.run).bind(False, **kwargs)
@@ -127,7 +169,8 @@ def test_gpu_suite_merges_the_lease_calls(tmp_path):
     """The committed H100 leases' calls merge into one result: every model's rows and every
     part once, each call's ceilings kept; a part run again in a later call (after a change)
     is taken from that call; results from two devices are refused."""
-    suite = _module("gpu_suite")
+    import gpu_suite as suite
+
     folder = EXPERIMENTS / "results" / "gpu_suite"
     # the first lease: two disjoint calls, the first with errors (the 7B stacked rows)
     calls = [
@@ -184,7 +227,8 @@ def test_gpu_suite_merges_the_lease_calls(tmp_path):
 
 def test_decode_ab_tiny(tmp_path):
     """One round of one tree, in its child process: every figure is there and positive."""
-    module = _module("decode_ab")
+    import decode_ab as module
+
     assert module.main(["--tiny", "--trees", ".", "--rounds", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "decode_ab.json").read_text())
     (row,) = result["rows"]
@@ -200,7 +244,8 @@ def test_decode_ab_tiny(tmp_path):
 
 def test_profile_decode_tiny(tmp_path):
     """The profiler's per-operation events are found and named by their HLO output shapes."""
-    module = _module("profile_decode")
+    import profile_decode as module
+
     assert module.main(["--tiny", "--batch", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "profile_decode_b2_greedy.json").read_text())
     assert result["ops_ms_per_step"] > 0
@@ -213,7 +258,8 @@ def test_side_by_side_runs_every_job_and_compiles_a_shared_program_once():
     """`side_by_side` returns each job's result and seconds, or the exception it raised; jobs
     that need the same new program get one compilation between them (jit waits for the one
     under way), which the speculative and LoRA parts rely on to compile each program once."""
-    bench = _module("bench_attention")
+    import bench_attention as bench
+
     finished = []
 
     class Compiles(logging.Handler):
@@ -246,7 +292,8 @@ def test_side_by_side_runs_every_job_and_compiles_a_shared_program_once():
 def test_probe_dispatch_tiny(tmp_path):
     """Every mode is timed, and the stepping modes (host loops and the on-device loop) run the
     same greedy steps: they end on the same token."""
-    module = _module("probe_dispatch")
+    import probe_dispatch as module
+
     assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "probe_dispatch.json").read_text())
     assert set(result["ms_per_step"]) == set(module.MODES + module.STREAM_MODES)
@@ -259,12 +306,14 @@ def test_probe_dispatch_tiny(tmp_path):
 def test_probe_greedy_ties_tiny(tmp_path):
     """The probe runs and records each pair; `first_difference` finds where two generations
     part and reads the target's logits for both tokens there."""
-    module = _module("probe_greedy_ties")
+    import probe_greedy_ties as module
+    import speculative_sweep
+
     assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "probe_greedy_ties.json").read_text())
     assert [(r["dtype"], r["draft_layers"], r["k"]) for r in result["rows"]] == [("bfloat16", 1, 2)]
     assert all(r["same"] == (r["first_difference"] is None) for r in result["rows"])
-    model, ids = module._sweep().load(True, "float32")
+    model, ids = speculative_sweep.load(True, "float32")
     difference = module.first_difference(model, ids, [5, 6, 7], [5, 9, 7])
     assert (difference["index"], difference["plain_token"], difference["spec_token"]) == (1, 6, 9)
     row = np.asarray(rj.logits(model, [*ids, 5])[-1], np.float64)
@@ -275,7 +324,8 @@ def test_probe_greedy_ties_tiny(tmp_path):
 
 def test_probe_decode_attention_tiny(tmp_path):
     """Every formulation computes the same attention as ours, and each is timed."""
-    module = _module("probe_decode_attention")
+    import probe_decode_attention as module
+
     assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "probe_decode_attention.json").read_text())
     rows = {row["variant"]: row for row in result["rows"]}

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
-from realm_jax.lora import adapter_nbytes, read_adapter_tensors
+from realm_jax.lora.adapters import adapter_nbytes
+from realm_jax.lora.files import read_adapter_tensors
 from realm_jax.model import stack_layers
 from realm_jax.reference import forward_reference, permute_qk_rows_to_gguf
 from realm_jax.steps.decode import prompt_logits
@@ -608,10 +609,22 @@ def test_golden_unmerged_and_greedy(smollm2, golden_dir, lora_golden):
     assert out == lora_golden["lora_gen_capital"].tolist()
 
 
+def test_layout_and_reference_permute_qk_rows_alike():
+    """The loader's Q/K row permutation (`layout`) and the golden's (`reference`), written
+    apart, agree, and undoing the golden's restores the rows (a real permutation)."""
+    from realm_jax import layout, reference
+
+    rows = np.arange(3 * 16 * 5, dtype=np.float32).reshape(3 * 16, 5)  # 3 heads of H = 16
+    permuted = layout.permute_qk_rows_to_gguf(rows, 3)
+    np.testing.assert_array_equal(permuted, reference.permute_qk_rows_to_gguf(rows, 3))
+    assert not np.array_equal(permuted, rows)
+    np.testing.assert_array_equal(reference.permute_qk_rows_from_gguf(permuted, 3), rows)
+
+
 @pytest.mark.model
 def test_golden_fails_without_qk_permutation(smollm2, golden_dir, lora_golden, monkeypatch):
     """Positive control: PEFT's lora_B rows for q/k left in HF order must fail the check."""
-    monkeypatch.setattr("realm_jax.lora_files.permute_qk_rows_to_gguf", lambda w, heads: w)
+    monkeypatch.setattr("realm_jax.lora.files.permute_qk_rows_to_gguf", lambda w, heads: w)
     adapter = rj.load_adapter(golden_dir / "lora_r8_attn", smollm2)
     ids = lora_golden["ids_chat"].tolist()
     wrong = rj.logits(smollm2, ids, adapter=adapter)

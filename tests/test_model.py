@@ -11,6 +11,7 @@ import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
 from realm_jax.kv_cache import init_cache
+from realm_jax.layout import params_from_tensors
 from realm_jax.reference import forward_reference
 from realm_jax.sampling import SamplingParams
 from realm_jax.steps.decode import append_and_sample, decode_step, prompt_logits
@@ -224,7 +225,7 @@ def test_run_steps_stops_each_row_at_its_stop_id(tmp_path_factory):
 def test_padding_does_not_change_prefix_logits():
     """Logits of a prefix are unchanged by a longer input (causality) and by padding."""
     config = tiny(vocab_size=300)
-    params = rj.model.params_from_tensors(config, random_tensors(config, seed=5))
+    params = params_from_tensors(config, random_tensors(config, seed=5))
     ids = np.random.default_rng(4).integers(0, 300, size=24).astype(np.int32)
     results = []
     for t, pad in [(12, 16), (24, 32), (12, 64)]:

@@ -19,8 +19,10 @@ from realm_jax.config import tiny
 from realm_jax.errors import RealmError, RequestError
 from realm_jax.generation import SpeculativeStats
 from realm_jax.kv_cache import init_cache
-from realm_jax.lora import LoraAdapter, adapter_from_tensors
-from realm_jax.model import params_from_tensors, stack_layers
+from realm_jax.layout import params_from_tensors
+from realm_jax.lora.adapters import adapter_from_tensors
+from realm_jax.lora.tree import LoraAdapter
+from realm_jax.model import stack_layers
 from realm_jax.reference import (
     forward_reference,
     residual_probs_reference,

@@ -147,22 +147,22 @@ def _rows_layout(
       k_cache: [B, S, K, H].
       q_positions: [B, T].
       kv_lengths: [B].
-      num_rows: R >= T*G, the padded number of rows.
+      num_rows: P >= T*G, the padded number of query rows.
 
     Returns:
-      (q [B, K, R, H] with row t*G + g = query head k*G + g at t, zero rows beyond T*G;
-       limits [B, R] int32: row r sees keys 0..limits[b, r]-1; 0 for padding rows).
+      (q [B, K, P, H] with row t*G + g = query head k*G + g at t, zero rows beyond T*G;
+       limits [B, P] int32: row r sees keys 0..limits[b, r]-1; 0 for padding rows).
     """
     b, t, n, h = q.shape
     s, k = k_cache.shape[1], k_cache.shape[2]
     g = n // k
     q = jnp.transpose(q.reshape(b, t, k, g, h), (0, 2, 1, 3, 4))  # [B, K, T, G, H]
     q = q.reshape(b, k, t * g, h)  # [B, K, T*G, H]
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, num_rows - t * g), (0, 0)))  # [B, K, R, H]
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, num_rows - t * g), (0, 0)))  # [B, K, P, H]
     limits = jnp.minimum(q_positions.astype(jnp.int32) + 1, kv_lengths.astype(jnp.int32)[:, None])
     limits = jnp.clip(limits, 0, s)  # [B, T]
     limits = jnp.repeat(limits, g, axis=1, total_repeat_length=t * g)  # [B, T*G]
-    limits = jnp.pad(limits, ((0, 0), (0, num_rows - t * g)))  # [B, R]
+    limits = jnp.pad(limits, ((0, 0), (0, num_rows - t * g)))  # [B, P]
     return q, limits
 
 
@@ -182,7 +182,7 @@ def _key_block(num_keys: int, block_k: int) -> int:
 
 
 def _rows_back(out: jax.Array, t: int, n: int) -> jax.Array:
-    """[B, K, R, H] rows -> [B, T, N, H] (inverse of `_rows_layout`'s q layout)."""
+    """[B, K, P, H] rows -> [B, T, N, H] (inverse of `_rows_layout`'s q layout)."""
     b, k, _, h = out.shape
     out = out[:, :, : t * (n // k)].reshape(b, k, t, n // k, h)  # [B, K, T, G, H]
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
@@ -204,12 +204,12 @@ def _attend_block(
 
     Args:
       start: first key of the block (traced int32 scalar).
-      carry: (m [M] running max of the base-2 scores, denom [M] running sum of
+      carry: (m [Q] running max of the base-2 scores, denom [Q] running sum of
         exp2(score - m),
-        acc [M, H] running sum of exp2(score - m) * value), all float32.
-      q: [M, H] the program's query rows.
+        acc [Q, H] running sum of exp2(score - m) * value), all float32.
+      q: [Q, H] the program's query rows.
       k_ref, v_ref: [S, H] refs to the (row, KV head) cache.
-      limits: [M] int32 keys each row sees.
+      limits: [Q] int32 keys each row sees.
       masked: False only for blocks that every row sees whole (then start + block_k <= S).
 
     Returns:
@@ -224,24 +224,24 @@ def _attend_block(
     v = v_ref[pl.ds(read, block_k), :]  # [block_k, H]
     scores = lax.dot_general(
         q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )  # [M, block_k]
+    )  # [Q, block_k]
     scores = scores * scale
     if masked:
         key = read + jnp.arange(block_k, dtype=jnp.int32)[None, :]  # [1, block_k]
-        valid = (key >= start) & (key < limits[:, None])  # [M, block_k]
+        valid = (key >= start) & (key < limits[:, None])  # [Q, block_k]
         scores = jnp.where(valid, scores, MASK_VALUE)
-    m = jnp.maximum(m_prev, jnp.max(scores, axis=1))  # [M]
+    m = jnp.maximum(m_prev, jnp.max(scores, axis=1))  # [Q]
     # m_prev and m are both MASK_VALUE (finite) until a row meets its first valid key, so
     # these exponents are never inf - inf.
-    alpha = jnp.exp2(m_prev - m)  # [M]
-    probs = jnp.exp2(scores - m[:, None])  # [M, block_k]
+    alpha = jnp.exp2(m_prev - m)  # [Q]
+    probs = jnp.exp2(scores - m[:, None])  # [Q, block_k]
     if masked:
         # A row with no valid key yet has m = MASK_VALUE, where a masked score would count 1.
         probs = jnp.where(valid, probs, 0.0)
-    denom = alpha * denom_prev + jnp.sum(probs, axis=1)  # [M]
+    denom = alpha * denom_prev + jnp.sum(probs, axis=1)  # [Q]
     acc = alpha[:, None] * acc_prev + lax.dot_general(
         probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )  # [M, H]
+    )  # [Q, H]
     return m, denom, acc
 
 
@@ -262,15 +262,15 @@ def _flash_kernel(limits_ref, q_ref, k_ref, v_ref, *out_refs, block_k: int, scal
     """One prefill program: block_rows query rows of one (row b, KV head k).
 
     Refs:
-      limits_ref: [M] int32, keys each row sees (0 for padding rows).
-      q_ref: [M, H].
+      limits_ref: [Q] int32, keys each row sees (0 for padding rows).
+      q_ref: [Q, H].
       k_ref, v_ref: [S, H], the whole cache of (b, k); only blocks below the largest limit
         are read.
-      out_refs: (o_ref [M, H],), after the aliased poison buffer when there is one.
+      out_refs: (o_ref [Q, H],), after the aliased poison buffer when there is one.
     """
     o_ref = out_refs[-1]
-    limits = limits_ref[...]  # [M]
-    q = q_ref[...]  # [M, H]
+    limits = limits_ref[...]  # [Q]
+    q = q_ref[...]  # [Q, H]
     step = functools.partial(
         _attend_block, q=q, k_ref=k_ref, v_ref=v_ref, limits=limits, block_k=block_k, scale=scale
     )
@@ -363,7 +363,7 @@ def flash_attention(
         interpret=interpret,
         compiler_params=_compiler_params(interpret, block_sizes.num_warps, block_sizes.num_stages),
         name="realm_flash_attention",
-    )(*args)  # [B, K, R, H]
+    )(*args)  # [B, K, P, H]
     return _rows_back(out, t, n)
 
 
@@ -373,16 +373,16 @@ def _decode_kernel(
     """One flash-decoding program: all rows of one (row b, KV head k), one chunk of keys.
 
     Refs:
-      limits_ref: [M] int32, keys each row sees.
-      q_ref: [M, H].
+      limits_ref: [Q] int32, keys each row sees.
+      q_ref: [Q, H].
       k_ref, v_ref: [S, H], the whole cache of (b, k); this program reads at most keys
         c*chunk .. (c+1)*chunk-1, and none at or beyond its rows' largest limit.
-      out_refs: (acc [M, H], m [M], denom [M]) float32 partials of chunk c, after the aliased
+      out_refs: (acc [Q, H], m [Q], denom [Q]) float32 partials of chunk c, after the aliased
         poison buffers when there are some.
     """
     acc_ref, m_ref, denom_ref = out_refs[-3:]
-    limits = limits_ref[...]  # [M]
-    q = q_ref[...]  # [M, H]
+    limits = limits_ref[...]  # [Q]
+    q = q_ref[...]  # [Q, H]
     chunk_start = pl.program_id(0) * chunk
     step = functools.partial(
         _attend_block, q=q, k_ref=k_ref, v_ref=v_ref, limits=limits, block_k=block_k, scale=scale
@@ -404,17 +404,17 @@ def _combine_chunks(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array
     """Merge per-chunk softmax partials into the normalised output (flash-decoding).
 
     Args:
-      acc: [C, B, K, M, H] sum over the chunk's keys of exp2(score - m_c) * value.
-      m: [C, B, K, M] base-2 max score of the chunk (MASK_VALUE when it saw no key).
-      denom: [C, B, K, M] sum over the chunk's keys of exp2(score - m_c).
+      acc: [C, B, K, Q, H] sum over the chunk's keys of exp2(score - m_c) * value.
+      m: [C, B, K, Q] base-2 max score of the chunk (MASK_VALUE when it saw no key).
+      denom: [C, B, K, Q] sum over the chunk's keys of exp2(score - m_c).
 
     Returns:
-      [B, K, M, H] float32; 0 for rows that saw no key.
+      [B, K, Q, H] float32; 0 for rows that saw no key.
     """
-    m_all = jnp.max(m, axis=0)  # [B, K, M]
-    weight = jnp.exp2(m - m_all[None])  # [C, B, K, M]; 0 for chunks far below the max
-    total = jnp.sum(weight * denom, axis=0)  # [B, K, M]
-    out = jnp.einsum("CBKM,CBKMH->BKMH", weight, acc)  # [B, K, M, H]
+    m_all = jnp.max(m, axis=0)  # [B, K, Q]
+    weight = jnp.exp2(m - m_all[None])  # [C, B, K, Q]; 0 for chunks far below the max
+    total = jnp.sum(weight * denom, axis=0)  # [B, K, Q]
+    out = jnp.einsum("CBKM,CBKMH->BKMH", weight, acc)  # [B, K, Q, H]
     return out / jnp.where(total > 0.0, total, 1.0)[..., None]
 
 
@@ -462,7 +462,7 @@ def flash_decoding(
     b, t, n, h = q.shape
     s, num_kv = k_cache.shape[1], k_cache.shape[2]
     rows = max(MIN_TILE, _next_power_of_two(t * (n // num_kv)))
-    q_rows, limits = _rows_layout(q, k_cache, q_positions, kv_lengths, rows)  # [B, K, M, H]
+    q_rows, limits = _rows_layout(q, k_cache, q_positions, kv_lengths, rows)  # [B, K, Q, H]
     k, v = _cache_layout(k_cache), _cache_layout(v_cache)  # [B, K, S', H]
     block_k = _key_block(s, block_sizes.decode_block_k)
     chunk, num_chunks = decode_chunks(b, num_kv, s, block_sizes)
@@ -503,7 +503,7 @@ def flash_decoding(
         ),
         name="realm_flash_decoding",
     )(*args)
-    out = _combine_chunks(acc, m, denom).astype(q.dtype)  # [B, K, M, H]
+    out = _combine_chunks(acc, m, denom).astype(q.dtype)  # [B, K, Q, H]
     return _rows_back(out, t, n)
 
 

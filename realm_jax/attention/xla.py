@@ -50,18 +50,18 @@ def xla_attention(
     b, t, n, h = q.shape
     s, k = k_cache.shape[1], k_cache.shape[2]
     g = n // k
-    # Each KV head's G query heads and T queries form one free axis of M = G * T rows: both
+    # Each KV head's G query heads and T queries form one free axis of Q = G * T query rows: both
     # products are then plain batched matmuls over (B, K). With G and T as two free axes,
     # XLA's CPU dot ran a batch-8 decode's attention ~35% slower (probe_decode_attention.py).
     q = jnp.transpose(q.reshape(b, t, k, g, h), (0, 2, 3, 1, 4)).reshape(b, k, g * t, h)
     k_bksh = jnp.swapaxes(k_cache, 1, 2)  # [B, K, S, H]; the cache's stored layout
     v_bksh = jnp.swapaxes(v_cache, 1, 2)
-    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k_bksh, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", q, k_bksh, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, k, g, t, s) * (1.0 / float(h) ** 0.5)  # [B, K, G, T, S]
     valid = attention_mask(q_positions, kv_lengths, s)[:, None, None]  # [B, 1, 1, T, S]
     scores = jnp.where(valid, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(valid.any(axis=-1, keepdims=True), probs, 0.0)
     probs = probs.reshape(b, k, g * t, s).astype(v_cache.dtype)
-    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v_bksh).reshape(b, k, g, t, h)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_bksh).reshape(b, k, g, t, h)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.kv_cache import KVCache, init_cache, insert_row
-from realm_jax.lora import LoraStack
+from realm_jax.lora.tree import LoraStack
 from realm_jax.model import Params, forward, lm_head
 from realm_jax.sampling import sample, token_rngs
 from realm_jax.steps.drafts import draft_weights

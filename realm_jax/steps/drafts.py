@@ -20,7 +20,7 @@ import numpy as np
 
 from realm_jax.errors import RealmError
 from realm_jax.loading import Model
-from realm_jax.lora import LoraStack
+from realm_jax.lora.tree import LoraStack
 from realm_jax.model import Params
 from realm_jax.steps.state import DraftSpec, Weights
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from realm_jax.config import ModelConfig
 from realm_jax.kv_cache import KVCache
-from realm_jax.lora import LoraStack
+from realm_jax.lora.tree import LoraStack
 from realm_jax.model import Params
 from realm_jax.sampling import SamplingParams
 

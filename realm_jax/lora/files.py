@@ -1,9 +1,9 @@
 """Read LoRA adapter files (PEFT folders, llama.cpp GGUF LoRA) into GGUF-named triples.
 
 What lives here: the two formats, every check against the model's config (architecture,
-module names, shapes, ranks, A/B pairs, unsupported features), the scale rules, and
-`lora_pieces`, which says where each GGUF weight's LoRA lands in the fused `LayerParams`
-leaves. What does not: the pytrees built from the triples (`lora.py`).
+module names, shapes, ranks, A/B pairs, unsupported features) and the scale rules. What does
+not: where each GGUF weight's LoRA lands in the fused `LayerParams` leaves
+(`layout.lora_pieces`) and the pytrees built from the triples (`lora.adapters`).
 
 Axis letters as in `model.py`, plus R (LoRA rank).
 
@@ -12,7 +12,7 @@ Axis letters as in `model.py`, plus R (LoRA rank).
   `use_rslora`, with per-module `rank_pattern` / `alpha_pattern` (PEFT's `get_pattern_key`:
   the first key k, in order, such that `re.match(rf"(.*\\.)?({k})$", module_name)`).
   HF's q/k rows are in rotate_half order while our weights keep GGUF's permuted rows, so
-  lora_B of q_proj / k_proj is row-permuted (`reference.permute_qk_rows_to_gguf`, DESIGN §4);
+  lora_B of q_proj / k_proj is row-permuted (`layout.permute_qk_rows_to_gguf`, DESIGN §4);
   lora_A and the other projections are unaffected.
 - llama.cpp GGUF LoRA (`general.type = adapter`, `adapter.type = lora`,
   `adapter.lora.alpha`, tensors `<base weight>.lora_a` [R, in] / `.lora_b` [out, R], lora_b
@@ -22,8 +22,6 @@ Axis letters as in `model.py`, plus R (LoRA rank).
   `adapter.lora.alpha` reads as 0 in `src/llama-adapter.cpp`).
 """
 
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -38,9 +36,8 @@ from safetensors import safe_open
 
 from realm_jax.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from realm_jax.errors import AdapterError, GGUFError, UnsupportedModelError
-from realm_jax.gguf import MAX_EXPANSION, TENSOR_TABLE, _check_tensor, open_gguf, read_metadata
-from realm_jax.model import FUSED
-from realm_jax.reference import permute_qk_rows_to_gguf
+from realm_jax.gguf import MAX_EXPANSION, check_tensor, open_gguf, read_metadata
+from realm_jax.layout import expected_shapes, lora_pieces, permute_qk_rows_to_gguf
 
 # A LoRA in GGUF names: weight name -> (A [R, in], B [out, R] in GGUF row order, scale), the
 # form `reference.forward_reference(lora=...)` takes.
@@ -80,59 +77,6 @@ GGUF_LORA_KEY = re.compile(r"(.+)\.lora_([ab])")
 GGUF_LAYER_WEIGHT = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 VOCAB_WEIGHTS = ("token_embd.weight", "output.weight")
 SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Piece:
-    """Where one GGUF weight's LoRA lands in its (possibly fused) `LayerParams` leaf."""
-
-    leaf: str  # LayerParams field
-    in_dims: tuple[int, ...]  # the leaf's input dims: a is [*in_dims, R]
-    out_dims: tuple[int, ...]  # this piece's output dims in the leaf's layout
-    leaf_out: tuple[int, ...]  # the leaf's output dims: b is [R, *leaf_out]
-    offset: int  # start of the piece on the leaf's first output axis
-
-
-@functools.lru_cache(maxsize=16)
-def lora_pieces(config: ModelConfig) -> dict[str, _Piece]:
-    """GGUF layer weight kind ("attn_q", ...) -> where its delta goes.
-
-    Dims follow `TENSOR_TABLE`'s layouts ([out, in] matrices; "out_heads" [heads, H, D],
-    "in_heads" [D, N, H]); fused pieces are concatenated on the leaf's first output axis in
-    `model.FUSED` order.
-    """
-    fused_at = {
-        name: (leaf, i) for leaf, (names, _) in FUSED.items() for i, name in enumerate(names)
-    }
-    groups: dict[str, list] = {}
-    for spec in TENSOR_TABLE:
-        if "{i}" not in spec.gguf_name or len(spec.shape(config)) != 2:
-            continue  # not a layer's weight matrix
-        out, inn = spec.shape(config)
-        if spec.layout == "out_heads":
-            in_dims, out_dims = (inn,), (out // config.head_dim, config.head_dim)
-        elif spec.layout == "in_heads":
-            in_dims, out_dims = (config.n_heads, config.head_dim), (out,)
-        else:  # as_is
-            in_dims, out_dims = (inn,), (out,)
-        leaf, order = fused_at.get(spec.leaf, (spec.leaf, 0))
-        kind = spec.gguf_name.split(".")[2]
-        groups.setdefault(leaf, []).append((order, kind, in_dims, out_dims))
-    pieces = {}
-    for leaf, members in groups.items():
-        members.sort()
-        total = sum(out_dims[0] for *_, out_dims in members)
-        offset = 0
-        for _, kind, in_dims, out_dims in members:
-            pieces[kind] = _Piece(leaf, in_dims, out_dims, (total, *out_dims[1:]), offset)
-            offset += out_dims[0]
-    return pieces
-
-
-def expected_shapes(config: ModelConfig, kind: str, rank: int) -> tuple[tuple, tuple]:
-    """NumPy shapes of A [R, in] and B [out, R] for a GGUF weight kind."""
-    piece = lora_pieces(config)[kind]
-    return (rank, math.prod(piece.in_dims)), (math.prod(piece.out_dims), rank)
 
 
 def read_adapter_tensors(path: str | os.PathLike, config: ModelConfig) -> LoraTensors:
@@ -375,8 +319,8 @@ def _read_gguf_lora(path: Path, config: ModelConfig) -> LoraTensors:
             raise AdapterError(f"{path}: tensor {name}.lora_b has rank {rank}")
         want_a, want_b = expected_shapes(config, kind, rank)
         try:
-            _check_tensor(str(path), halves["a"], want_a, budget)
-            _check_tensor(str(path), halves["b"], want_b, budget)
+            check_tensor(str(path), halves["a"], want_a, budget)
+            check_tensor(str(path), halves["b"], want_b, budget)
         except (GGUFError, UnsupportedModelError) as e:
             raise AdapterError(f"{e} (LoRA rank {rank} from lora_b's ne[0])") from e
         scale = alpha / rank if alpha else 1.0

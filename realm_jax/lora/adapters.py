@@ -1,6 +1,6 @@
 """LoRA adapters as pytrees of low-rank deltas: build, load, stack for serving, merge.
 
-Axis letters as in `model.py`, plus R (LoRA rank) and M (adapters in a stack).
+Axis letters as in `model.py`, plus R (LoRA rank) and A (adapters in a stack).
 
 An adapter touches some of a layer's matrices. `LoraAdapter.layers` mirrors `Params.layers`
 (a tuple of per-layer `LayerLora`, or one `LayerLora` with [L, ...] leaves), and each
@@ -18,22 +18,22 @@ Three strategies, one forward (`model.forward`):
   products of row vectors, y = x @ W.T + ((x @ a.T) * scale) @ b.)
 - unmerged and multi-adapter are one mechanism: `forward(..., lora=stack, adapter_ids=ids)`
   adds ((x @ a[ids].T) * scale[ids]) @ b[ids] inside each projection (`model.lora_delta`),
-  where `stack` is a `LoraStack` of M adapters ([M, ...] per-layer leaves, ranks zero-padded
+  where `stack` is a `LoraStack` of A adapters ([A, ...] per-layer leaves, ranks zero-padded
   to the largest) and each batch row picks its own by index. One adapter unmerged is a stack
-  of M = 1 with ids all 0.
+  of A = 1 with ids all 0.
 
 Serving many tenants (what an engine builds on): slot 0 is the base model by convention, an
 all-zero slot. Build the stack once with free slots, then add, replace or clear one slot at a
 time, and give each row its slot as `Rows.adapter_ids` (`steps.state`); `Engine` does this:
 
-    stack = stack_adapters([None, adapter_a] + [None] * 6)   # M = 8: base, a, 6 free slots
+    stack = stack_adapters([None, adapter_a] + [None] * 6)   # A = 8: base, a, 6 free slots
     stack = set_adapter_slot(stack, 2, adapter_b)            # add or replace a tenant
     stack = set_adapter_slot(stack, 1, None)                 # remove one (zeros = base)
 
 Shapes stay fixed (no recompilation) while an adapter fits the stack's ranks and targets;
 a bigger one grows the stack (every slot zero-padded), which compiles the steps once more.
 
-File formats and their checks live in `lora_files.py`.
+The pytrees themselves are `lora.tree`; file formats and their checks live in `lora.files`.
 """
 
 import dataclasses
@@ -46,112 +46,11 @@ import numpy as np
 
 from realm_jax.config import ModelConfig
 from realm_jax.errors import AdapterError
+from realm_jax.layout import expected_shapes, lora_pieces
 from realm_jax.loading import Model
-from realm_jax.lora_files import (
-    GGUF_LAYER_WEIGHT,
-    LoraTensors,
-    expected_shapes,
-    lora_pieces,
-    read_adapter_tensors,
-)
+from realm_jax.lora.files import GGUF_LAYER_WEIGHT, read_adapter_tensors
+from realm_jax.lora.tree import TARGETS, LayerLora, LoraAdapter, LoraDelta, LoraStack
 from realm_jax.model import Params, stack_trees
-
-__all__ = [
-    "LayerLora",
-    "LoraAdapter",
-    "LoraDelta",
-    "LoraStack",
-    "LoraTensors",
-    "adapter_from_tensors",
-    "adapter_nbytes",
-    "check_adapter",
-    "load_adapter",
-    "merge_adapter",
-    "read_adapter_tensors",
-    "set_adapter_slot",
-    "stack_adapters",
-]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraDelta:
-    """The low-rank change of one weight: the product x @ W.T gains ((x @ a.T) * scale) @ b.
-
-    Attributes:
-      a: [R, *in] down projection (rank, then the weight's input dims: PEFT's lora_A order,
-        so that a stack's [M, R, *in] is one [M * R, in] matrix for `model.lora_delta`).
-      b: [R, *out] up projection (rank, then the weight's output dims).
-      scale: [R] per rank component (alpha / r of the piece it belongs to; 0 on padding).
-    In a `LoraStack` every leaf gains a leading [M] axis (after [L] for stacked layers).
-    """
-
-    a: jax.Array
-    b: jax.Array
-    scale: jax.Array
-
-    @property
-    def rank(self) -> int:
-        """R, the number of rank components (including zero padding)."""
-        return self.scale.shape[-1]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerLora:
-    """The deltas of one transformer block, named like the `LayerParams` leaves they change.
-
-    Attributes:
-      wqkv: a [D, R], b [R, N + 2K, H]; q, k and v pieces side by side on R.
-      wo: a [N, H, R], b [R, D].
-      w_gate_up: a [D, R], b [R, 2F]; gate and up pieces side by side on R.
-      w_down: a [F, R], b [R, D].
-    Each is None when the adapter leaves that weight alone.
-    """
-
-    wqkv: LoraDelta | None = None
-    wo: LoraDelta | None = None
-    w_gate_up: LoraDelta | None = None
-    w_down: LoraDelta | None = None
-
-
-TARGETS = tuple(f.name for f in dataclasses.fields(LayerLora))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraAdapter:
-    """One LoRA adapter, shaped like the `Params` leaves it touches (what `load_adapter` gives).
-
-    Attributes:
-      layers: a tuple of L `LayerLora`, or one `LayerLora` with [L, ...] leaves (the same
-        layout as the model's `Params.layers`).
-    """
-
-    layers: LayerLora | tuple[LayerLora, ...]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraStack:
-    """M adapters stacked for `model.forward(lora=..., adapter_ids=...)` (`stack_adapters`).
-
-    Attributes:
-      layers: like `LoraAdapter.layers`, with a leading [M] axis on every per-layer leaf
-        (leaves [M, ...] in a tuple of layers, [L, M, ...] for stacked layers). Ranks are
-        zero-padded to the largest; a slot with no adapter is all zeros (the base model).
-    """
-
-    layers: LayerLora | tuple[LayerLora, ...]
-
-    @property
-    def num_adapters(self) -> int:
-        """M."""
-        first = self.layers[0] if isinstance(self.layers, tuple) else self.layers
-        axis = 0 if isinstance(self.layers, tuple) else 1
-        scales = [getattr(first, f).scale for f in TARGETS if getattr(first, f) is not None]
-        return scales[0].shape[axis] if scales else 0
-
 
 # ---------------------------------------------------------------------------------------------
 # Building, checking, stacking and merging the pytree.
@@ -324,17 +223,17 @@ def _uniform(
 
 
 def stack_adapters(adapters: Sequence[LoraAdapter | None]) -> LoraStack:
-    """Stack M adapters into one `LoraStack` for `forward(lora=..., adapter_ids=...)`.
+    """Stack A adapters into one `LoraStack` for `forward(lora=..., adapter_ids=...)`.
 
     A None slot is all zeros: rows that pick it run the base model (slot 0 by convention when
     serving many tenants; see the module docstring). Ranks are zero-padded per leaf to the
     largest, and a leaf that only some adapters touch is zeros in the others.
 
     Args:
-      adapters: M >= 1 adapters or None, in the same layer layout; at least one adapter.
+      adapters: A >= 1 adapters or None, in the same layer layout; at least one adapter.
 
     Returns:
-      A `LoraStack` with [M, ...] per-layer leaves ([L, M, ...] for stacked layers).
+      A `LoraStack` with [A, ...] per-layer leaves ([L, A, ...] for stacked layers).
 
     Raises:
       AdapterError: no adapter at all, or adapters of different models or layouts.
@@ -351,10 +250,10 @@ def stack_adapters(adapters: Sequence[LoraAdapter | None]) -> LoraStack:
         raise AdapterError(f"adapters have different numbers of layers: {sorted(n_layers)}")
     n = n_layers.pop()
     uniform = _uniform([ls if ls is not None else [None] * n for ls in lists])
-    layers = [_stack_layer_list([u[i] for u in uniform]) for i in range(n)]  # [M, ...]
+    layers = [_stack_layer_list([u[i] for u in uniform]) for i in range(n)]  # [A, ...]
     if layouts.pop():
         return LoraStack(tuple(layers))
-    return LoraStack(_stack_layer_list(layers))  # [L, M, ...]
+    return LoraStack(_stack_layer_list(layers))  # [L, A, ...]
 
 
 def set_adapter_slot(stack: LoraStack, slot: int, adapter: LoraAdapter | None) -> LoraStack:
@@ -364,13 +263,13 @@ def set_adapter_slot(stack: LoraStack, slot: int, adapter: LoraAdapter | None) -
     targets fit the stack's; otherwise every slot is zero-padded to make room.
 
     Raises:
-      AdapterError: `slot` outside 0..M-1, or an adapter of another model or layout.
+      AdapterError: `slot` outside 0..A-1, or an adapter of another model or layout.
     """
     m = stack.num_adapters
     if not isinstance(slot, (int, np.integer)) or not 0 <= slot < m:
         raise AdapterError(f"adapter slot {slot!r} is outside 0..{m - 1}")
     tuple_layout = isinstance(stack.layers, tuple)
-    layers = _layer_list(stack.layers)  # each [M, ...]
+    layers = _layer_list(stack.layers)  # each [A, ...]
     if adapter is None:
         new = [jax.tree.map(lambda x: x.at[slot].set(0), layer) for layer in layers]
     else:
