@@ -13,7 +13,8 @@ Each tree (this checkout, and `--baseline` when given) is measured in its own pr
 round (PYTHONPATH = the tree, so it imports its own realm_jax), the trees taking turns for
 `--rounds` rounds; each figure is the median over rounds. In each process and for each case,
 a pass of the same requests with 2-token budgets compiles every program the timed pass runs
-(the same prompt buckets and attention window), then the timed pass runs once.
+(the same prompt buckets and attention window), then the timed pass runs once. The rounds'
+processes share a persistent compilation cache, which only the untimed passes touch.
 
 Cases (greedy, no EOS stop, one model file for every tree):
 - single: one request (prompt 32 tokens, 64 new tokens) through `rj.generate`, and through
@@ -23,6 +24,8 @@ Cases (greedy, no EOS stop, one model file for every tree):
   through `Engine(max_batch=B)` at B = 1, 4, 8 and `steps_per_call` 1 and 8 (the old tree:
   its one step per call); new tokens per second over the whole run, and the p50 / p99 of
   request latency (t = 0 to the request's last token, on the host clock).
+- warmup (this checkout, once, in a fresh process): `Engine(max_batch=8, max_seq_len=2048)
+  .warmup()` without and with a layer-skip draft: programs, compilations and seconds.
 """
 
 import inspect
@@ -30,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +44,12 @@ PLANS = {
     "full": dict(
         single_prompt=32, single_new=64, count=16, prompt_median=48, output_median=32,
         max_prompt=128, max_output=64, max_seq_len=256, batches=(1, 4, 8), steps=(1, 8),
+        warmup_batch=8, warmup_seq_len=2048, warmup_draft_layers=8,
     ),
     "tiny": dict(
         single_prompt=8, single_new=8, count=6, prompt_median=8, output_median=6,
         max_prompt=16, max_output=8, max_seq_len=64, batches=(1, 2), steps=(1, 4),
+        warmup_batch=2, warmup_seq_len=64, warmup_draft_layers=1,
     ),
 }  # fmt: skip
 
@@ -133,9 +139,27 @@ def worker(model_file: str, plan: dict) -> dict:
     return out
 
 
-def _run_tree(tree: Path, model_file: str, plan_name: str) -> dict:
+def warmup_worker(model_file: str, plan: dict) -> dict:
+    """`Engine.warmup()` at the plan's warm-up size, without and with a layer-skip draft."""
+    import realm_jax as rj
+
+    model = rj.load_model(model_file)
+    rows = []
+    for depth in (None, plan["warmup_draft_layers"]):
+        draft = None if depth is None else rj.layer_skip_draft(model, depth)
+        engine = rj.Engine(model, plan["warmup_batch"], plan["warmup_seq_len"], draft=draft)
+        rows.append(dict(draft_layers=depth, **engine.warmup()))
+    return dict(max_batch=plan["warmup_batch"], max_seq_len=plan["warmup_seq_len"], rows=rows)
+
+
+def _run_tree(tree: Path, model_file: str, plan_name: str, mode: str = "--worker") -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    command = [sys.executable, __file__, "--worker", model_file, plan_name]
+    if mode == "--worker":  # later rounds load their programs (never timed) from disk
+        cache = Path(tempfile.gettempdir()) / "realm-jax-engine-throughput-cache"
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        )
+    command = [sys.executable, __file__, mode, model_file, plan_name]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"worker for {tree} failed:\n{done.stderr[-3000:]}")
@@ -167,9 +191,11 @@ def run(tiny: bool, model: str | None, baseline: str | None, rounds: int) -> dic
                     row[field] = common.median(c[field] for c in same)
                     row[f"{field}_runs"] = [c[field] for c in same]
             rows.append(dict(tree=name, revision=common.revision(trees[name]), **row))
+    warmup = _run_tree(common.REPO, model_file, plan_name, "--warmup-worker")
     return dict(
         model=Path(model_file).name,
         plan=PLANS[plan_name],
+        warmup=warmup,
         rounds=rounds,
         trees={name: str(tree) for name, tree in trees.items()},
         imported={name: runs[0]["realm_jax"] for name, runs in raw.items()},
@@ -204,6 +230,18 @@ def markdown(result: dict) -> str:
                 f"| {r['tree']} | {r['revision']} | mixed | batch {r['batch']} | {steps} | | "
                 f"{r['tok_s']:.1f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} |"
             )
+    warmup = result["warmup"]
+    lines += [
+        "",
+        f"Warm-up, `Engine(max_batch={warmup['max_batch']}, max_seq_len="
+        f"{warmup['max_seq_len']}).warmup()` (this checkout, one run each, a fresh process):",
+        "",
+        "| draft | programs | compilations | seconds |",
+        "|---|---|---|---|",
+    ]
+    for r in warmup["rows"]:
+        draft = "none" if r["draft_layers"] is None else f"layer-skip {r['draft_layers']}"
+        lines.append(f"| {draft} | {r['programs']} | {r['compilations']} | {r['seconds']:.1f} |")
     lines += ["", "Ratios (medians, same rounds):", ""]
     ours = {_key(r): r for r in rows if r["tree"] == "this checkout"}
     base = {_key(r): r for r in rows if r["tree"] == "baseline"}
@@ -242,8 +280,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], PLANS[sys.argv[3]])))
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--warmup-worker"):
+        function = worker if sys.argv[1] == "--worker" else warmup_worker
+        print(json.dumps(function(sys.argv[2], PLANS[sys.argv[3]])))
         return 0
     parser = common.parser(__doc__)
     parser.add_argument("--baseline", help="another checkout of this repository to compare")

@@ -78,10 +78,11 @@ def _generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
     prefill_s = (first_token_at or end) - start
     decode_s = end - (first_token_at or end)
-    decode_rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else float("nan")
+    # the first token comes from the prefill: a decode rate needs at least one more
+    rate = f"{(count - 1) / decode_s:.1f} tok/s" if count > 1 and decode_s > 0 else "no rate"
     print(
         f"prompt: {len(ids)} tokens, {len(ids) / prefill_s:.1f} tok/s | "
-        f"decode: {count} tokens, {decode_rate:.1f} tok/s",
+        f"decode: {count} tokens, {rate}",
         file=sys.stderr,
     )
     if stats is not None and stats.target_calls:
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help=f"a GGUF file (default: SmolLM2-135M from {INSTALL_HINT})")
     gen.add_argument("--prompt", default="The capital of France is")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (>= 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")

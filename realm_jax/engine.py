@@ -24,6 +24,7 @@ so a request draws the same tokens alone and batched, whatever slot it lands in.
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -509,9 +510,10 @@ class Engine:
                 programs.append((run_steps, args, statics))
         return programs
 
-    def warmup(self, threads: int = 4) -> dict:
+    def warmup(self, threads: int | None = None) -> dict:
         """Compile every program this engine can run (`programs`), side by side on `threads`
-        threads (XLA compiles outside the GIL), so that afterwards no request it accepts
+        threads (default: the CPUs, at most 8; XLA compiles outside the GIL), so that
+        afterwards no request it accepts
         triggers a compilation. Adding a tenant that grows the adapter stack changes the
         programs' shapes: warm up again after it.
 
@@ -526,6 +528,7 @@ class Engine:
             function.lower(*args, **statics).compile()
 
         programs = self.programs()
+        threads = threads or min(8, os.cpu_count() or 1)
         with _count_compilations() as counter:
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 list(pool.map(compile_one, programs))

@@ -134,6 +134,7 @@ def test_info_on_a_gguf_lora(tmp_path, capsys):
         (["generate", "--model", "/no/such.gguf"], "no such file"),
         (["generate", "--temperature", "-1"], "temperature"),
         (["generate", "--top-p", "0"], "top_p"),
+        (["generate", "--max-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
         (["info", "/no/such.gguf"], "no such file"),
     ],
 )

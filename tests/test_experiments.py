@@ -338,3 +338,25 @@ def test_probe_decode_attention_tiny(tmp_path):
     bound = result["size"]["layers"] * (atol + rtol * result["max_abs_output"])
     for name in ("G, T as two free axes", "K stored [B, K, H, S]", "multiply-reduce"):
         assert rows[name]["max_abs_diff"] <= bound, name
+
+
+@pytest.mark.slow
+def test_engine_throughput_tiny(tmp_path):
+    """Both trees' workers run (this checkout as its own baseline), every case and the
+    warm-up give a well-formed row, and each tree imported its own realm_jax."""
+    import engine_throughput
+
+    assert engine_throughput.main(["--tiny", "--baseline", ".", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "engine_throughput.json").read_text())
+    assert set(result["imported"]) == {"this checkout", "baseline"}
+    assert all(path.endswith("realm_jax") for path in result["imported"].values())
+    plan = result["plan"]
+    mixed = [r for r in result["rows"] if r["case"] == "mixed" and r["tree"] == "this checkout"]
+    assert {(r["batch"], r["steps_per_call"]) for r in mixed} == {
+        (b, s) for b in plan["batches"] for s in plan["steps"]
+    }
+    assert all(r["tok_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] for r in mixed)
+    singles = {r["path"] for r in result["rows"] if r["case"] == "single"}
+    assert singles == {"rj.generate", "Engine(max_batch=1)"}
+    assert [r["compilations"] > 0 for r in result["warmup"]["rows"]] == [True, True]
+    assert "Ratios" in (tmp_path / "engine_throughput.md").read_text()

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 import realm_jax as rj
 from realm_jax.config import tiny
 from realm_jax.gguf import read_gguf
-from realm_jax.lora.adapters import adapter_nbytes
+from realm_jax.layout import params_from_tensors
+from realm_jax.lora.adapters import adapter_from_tensors, adapter_nbytes
 from realm_jax.lora.files import read_adapter_tensors
 from realm_jax.model import stack_layers
 from realm_jax.reference import forward_reference, permute_qk_rows_to_gguf
@@ -631,3 +632,42 @@ def test_golden_fails_without_qk_permutation(smollm2, golden_dir, lora_golden, m
     with pytest.raises(AssertionError, match="not close"):
         assert_close(wrong, lora_golden["lora_logits_chat"], what="chat, q/k rows unpermuted")
     assert np.abs(wrong - lora_golden["lora_logits_chat"]).max() > 0.5
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_no_adapter_means_no_lora_operations(stacked):
+    """`Weights(params)` (no stack) traces a decode step with the base products only: six per
+    layer (qkv, the two attention products, o, gate/up, down) and the output projection; a
+    stack of one adapter on two projections adds 2 x 2 per layer (`lora_delta`'s two
+    products). Counted in the jaxpr, scans' bodies counted once."""
+    from realm_jax.kv_cache import init_cache
+    from realm_jax.sampling import SamplingParams
+    from realm_jax.steps.decode import decode_step_unjitted
+    from realm_jax.steps.state import StepSpec, host_rows
+
+    config = tiny(vocab_size=300)
+    params = params_from_tensors(config, random_tensors(config), stacked=stacked)
+    cache = init_cache(config, 2, 32, stacked=stacked)
+    greedy = SamplingParams.from_rows([rj.Sampling()] * 2)
+    rows = host_rows([1, 2], [True, True], [9, 9], [-1, -1], greedy, [0, 0], [0, 0], [0, 0])
+
+    def dots(weights):
+        jaxpr = jax.make_jaxpr(lambda w, r, c: decode_step_unjitted(w, r, c, StepSpec(config, 32)))(
+            weights, rows, cache
+        )
+        return str(jaxpr).count("dot_general")
+
+    layers = 1 if stacked else config.n_layers  # a scan's body appears once
+    assert dots(Weights(params)) == 6 * layers + 1
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"blk.{i}.{kind}.weight": (
+            rng.standard_normal((2, config.dim)).astype(np.float32),
+            rng.standard_normal((out, 2)).astype(np.float32),
+            1.0,
+        )
+        for i in range(config.n_layers)
+        for kind, out in (("attn_q", config.n_heads * config.head_dim), ("ffn_up", config.ffn_dim))
+    }
+    stack = rj.stack_adapters([adapter_from_tensors(config, tensors, stacked=stacked)])
+    assert dots(Weights(params, lora=stack)) == (6 + 4) * layers + 1
