@@ -12,8 +12,9 @@ through `rj.generate`, and as fast as `rj.generate` did before?
 Each tree (this checkout, and `--baseline` when given) is measured in its own process per
 round (PYTHONPATH = the tree, so it imports its own realm_jax), the trees taking turns for
 `--rounds` rounds; each figure is the median over rounds. In each process and for each case,
-a pass of the same requests with 2-token budgets compiles every program the timed pass runs
-(the same prompt buckets and attention window), then the timed pass runs once. The rounds'
+an untimed pass compiles every program the timed pass runs (for the engines, the same
+requests with 2-token budgets: the same prompt buckets and attention window; for
+`rj.generate`, the same call), then the timed pass runs once. The rounds'
 processes share a persistent compilation cache, which only the untimed passes touch.
 
 Cases (greedy, no EOS stop, one model file for every tree):
@@ -99,7 +100,9 @@ def worker(model_file: str, plan: dict) -> dict:
     new = plan["single_new"]
     out = dict(realm_jax=str(Path(rj.__file__).parent), has_steps_per_call=has_steps, cases=[])
 
-    rj.generate(model, prompt, 2, stop_at_eos=False)  # compile
+    # compile: the same call untimed (its cache capacity, hence its programs, follows the
+    # budget, so a shorter warm-up call would leave the timed one compiling)
+    rj.generate(model, prompt, new, stop_at_eos=False)
     start = time.perf_counter()
     tokens = rj.generate(model, prompt, new, stop_at_eos=False)
     seconds = time.perf_counter() - start

@@ -4,7 +4,8 @@
 # machine's 30 s warm window so that the model's first half is still there; each call runs half
 # of the suite:
 #   1. carry [".whl", ".model/part-00"], command: bash experiments/gpu_run.sh 1
-#      the tests marked gpu (the native Pallas kernels against the float64 reference), then
+#      the tests marked gpu (the native Pallas kernels against the float64 reference, and a
+#      bfloat16 forward through them against the float32 one), then
 #      the card's ceilings, TinyLlama-1.1B and Llama-2-7B shapes and the attention sweep
 #   2. carry [".whl", ".model/part-01", ".model/SHA256"], command: bash experiments/gpu_run.sh 2
 #      rebuilds the model file and checks its SHA-256, then the ceilings again, SmolLM2-135M
@@ -54,7 +55,7 @@ case $stage in
 esac
 if [ "$stage" != 2 ]; then
     timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -m gpu tests/test_attention.py \
-        -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
+        tests/test_bfloat16.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
 fi
 # SUITE_ARGS=--tiny makes a CPU smoke run of this script.
 timeout "${SUITE_TIMEOUT:-330}" python3 experiments/gpu_suite.py --out "$out" "${only[@]}" \

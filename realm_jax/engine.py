@@ -51,9 +51,10 @@ from realm_jax.steps.drafts import LayerSkipDraft, check_draft, draft_spec
 from realm_jax.steps.loop import run_steps
 from realm_jax.steps.state import NO_STOP, Caches, StepSpec, Weights, host_rows
 
-# Steps per device call (experiments/engine_throughput.py, docs/results.md). On an H100 a
-# SmolLM2 step took 0.83 ms inside one program against 2.1-2.3 ms called once per token.
-# Streamed text arrives in bursts of up to this many tokens (k + 1 times that with a draft).
+# Steps per device call: a step called alone pays the host's launches and a wait per token,
+# which a call of several pays once (docs/results.md: "the largest gap" and "one request
+# path"). Streamed text arrives in bursts of up to this many tokens (k + 1 times that with a
+# draft), and a call ends early where a request waits for a slot.
 STEPS_PER_CALL = 8
 
 

@@ -53,9 +53,9 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", stacked: bool = 
     Args:
       path: the GGUF file.
       dtype: compute dtype of the weights: "float32" (CPU default), "bfloat16" or "float16".
-      stacked: store layers as [L, ...] leaves run with `lax.scan` (True: compiles ~3x faster),
-        or as a tuple of per-layer pytrees run unrolled (False, the default: decodes ~1.4x
-        faster on CPU; experiments/bench_decode.py compares the two).
+      stacked: store layers as [L, ...] leaves run with `lax.scan` (True: compiles faster),
+        or as a tuple of per-layer pytrees run unrolled (False, the default: decodes faster;
+        experiments/bench_decode.py compares the two, docs/results.md).
 
     Raises:
       GGUFError, UnsupportedModelError, TokenizerError: see `gguf.read_gguf` and `Tokenizer`.

@@ -48,13 +48,12 @@ class LayerParams:
       w_down: [D, F] SwiGLU down projection.
 
     Every matrix is stored [*out, *in], as GGUF (and PyTorch) store them; `linear` contracts
-    its trailing input axes. On the 2-core dev machine XLA's CPU products read this layout as
-    fast as [*in, *out] at one row and faster at several: SmolLM2's batch-8 decode step went
-    from 191 to 150 ms, batch 1 unchanged (docs/results.md, change 8).
+    its trailing input axes. XLA's CPU products read this layout as fast as [*in, *out] at one
+    row and faster at several (docs/results.md, change 8).
 
     Q/K/V and gate/up are fused because XLA's CPU matrix-vector product runs each call at a
     fixed overhead: one [N + 2K, H, D] product instead of three, and one [2F, D] instead of
-    two, saved ~3.5 of ~38 ms of SmolLM2's per-token weight reads on the 2-core dev machine.
+    two (docs/results.md, the changes made from measurements).
     `layout.FUSED` names the GGUF pieces of each fused leaf.
     """
 

@@ -177,9 +177,9 @@ def _top_k_top_p_threshold(scaled: jax.Array, params: SamplingParams) -> jax.Arr
     """Each row's smallest kept scaled logit after top-k then top-p ([B, V] -> [B]).
 
     Both cut-offs are element values found by bisection on the values' order keys: 32
-    compare-and-sum passes over [B, V] per rule instead of a [B, V] sort (for SmolLM2's
-    49,152 logits on the 2-core dev CPU, ~1.6 ms for both rules against 12-15 ms for the
-    sort; both run whether or not a row uses them, which compiles less than a cond):
+    compare-and-sum passes over [B, V] per rule instead of a [B, V] sort (several times
+    faster at SmolLM2's 49,152 logits on the dev CPU, docs/results.md; both run whether or
+    not a row uses them, which compiles less than a cond):
       - the k-th largest value is the largest t with count(s >= t) >= k;
       - the top-p cut-off is the smallest t with mass(s > t) < p, the mass taken on the
         softmax of the top-k survivors. mass(s > t) only changes at element values, so that
@@ -245,8 +245,8 @@ def draw(rngs: jax.Array, probs: jax.Array) -> jax.Array:
 
     x = (1 - u) * total lies in (0, total], so the first index whose cumulative mass reaches
     x has positive probability; a one-hot row gives its own index exactly. One uniform per row
-    instead of `jax.random.categorical`'s V Gumbels: on the dev CPU at V = 49,152 the draw
-    costs 0.5 ms instead of 2.1, and its program compiles faster.
+    instead of `jax.random.categorical`'s V Gumbels: a fraction of the draw's time at
+    V = 49,152 on the dev CPU (docs/results.md), and its program compiles faster.
 
     Args:
       rngs: [B] PRNG keys; each row uses only its own.

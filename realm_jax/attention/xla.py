@@ -52,7 +52,8 @@ def xla_attention(
     g = n // k
     # Each KV head's G query heads and T queries form one free axis of Q = G * T query rows: both
     # products are then plain batched matmuls over (B, K). With G and T as two free axes,
-    # XLA's CPU dot ran a batch-8 decode's attention ~35% slower (probe_decode_attention.py).
+    # XLA's CPU dot ran a batch-8 decode's attention slower (probe_decode_attention.py,
+    # docs/results.md).
     q = jnp.transpose(q.reshape(b, t, k, g, h), (0, 2, 3, 1, 4)).reshape(b, k, g * t, h)
     k_bksh = jnp.swapaxes(k_cache, 1, 2)  # [B, K, S, H]; the cache's stored layout
     v_bksh = jnp.swapaxes(v_cache, 1, 2)
