@@ -156,7 +156,9 @@ def warmup_worker(model_file: str, plan: dict) -> dict:
 
 
 def _run_tree(tree: Path, model_file: str, plan_name: str, mode: str = "--worker") -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    # the tree first, then what the caller had (where the GPU machine installs its wheels)
+    path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     if mode == "--worker":  # later rounds load their programs (never timed) from disk
         cache = Path(tempfile.gettempdir()) / "realm-jax-engine-throughput-cache"
         env.update(
@@ -173,7 +175,9 @@ def _key(case: dict) -> tuple:
     return (case["case"], case.get("path"), case.get("batch"), case.get("steps_per_call"))
 
 
-def run(tiny: bool, model: str | None, baseline: str | None, rounds: int) -> dict:
+def run(
+    tiny: bool, model: str | None, baseline: str | None, rounds: int, warmup: bool = True
+) -> dict:
     plan_name = "tiny" if tiny else "full"
     model_file = str(common.model_path(tiny, model))
     trees = {"this checkout": common.REPO}
@@ -194,7 +198,7 @@ def run(tiny: bool, model: str | None, baseline: str | None, rounds: int) -> dic
                     row[field] = common.median(c[field] for c in same)
                     row[f"{field}_runs"] = [c[field] for c in same]
             rows.append(dict(tree=name, revision=common.revision(trees[name]), **row))
-    warmup = _run_tree(common.REPO, model_file, plan_name, "--warmup-worker")
+    warmup = _run_tree(common.REPO, model_file, plan_name, "--warmup-worker") if warmup else None
     return dict(
         model=Path(model_file).name,
         plan=PLANS[plan_name],
@@ -234,17 +238,20 @@ def markdown(result: dict) -> str:
                 f"{r['tok_s']:.1f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} |"
             )
     warmup = result["warmup"]
-    lines += [
-        "",
-        f"Warm-up, `Engine(max_batch={warmup['max_batch']}, max_seq_len="
-        f"{warmup['max_seq_len']}).warmup()` (this checkout, one run each, a fresh process):",
-        "",
-        "| draft | programs | compilations | seconds |",
-        "|---|---|---|---|",
-    ]
-    for r in warmup["rows"]:
-        draft = "none" if r["draft_layers"] is None else f"layer-skip {r['draft_layers']}"
-        lines.append(f"| {draft} | {r['programs']} | {r['compilations']} | {r['seconds']:.1f} |")
+    if warmup:  # left out with --skip-warmup
+        lines += [
+            "",
+            f"Warm-up, `Engine(max_batch={warmup['max_batch']}, max_seq_len="
+            f"{warmup['max_seq_len']}).warmup()` (this checkout, one run each, a fresh process):",
+            "",
+            "| draft | programs | compilations | seconds |",
+            "|---|---|---|---|",
+        ]
+        for r in warmup["rows"]:
+            draft = "none" if r["draft_layers"] is None else f"layer-skip {r['draft_layers']}"
+            lines.append(
+                f"| {draft} | {r['programs']} | {r['compilations']} | {r['seconds']:.1f} |"
+            )
     lines += ["", "Ratios (medians, same rounds):", ""]
     ours = {_key(r): r for r in rows if r["tree"] == "this checkout"}
     base = {_key(r): r for r in rows if r["tree"] == "baseline"}
@@ -290,8 +297,10 @@ def main(argv=None) -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--baseline", help="another checkout of this repository to compare")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-warmup", action="store_true", help="leave out the warm-up part")
     args = parser.parse_args(argv)
-    result = run(args.tiny, args.model, args.baseline, 1 if args.tiny else args.rounds)
+    rounds = 1 if args.tiny else args.rounds
+    result = run(args.tiny, args.model, args.baseline, rounds, not args.skip_warmup)
     common.write("engine_throughput", result, markdown(result), common.output_folder(args))
     return 0
 

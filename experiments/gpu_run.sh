@@ -57,7 +57,14 @@ if [ "$stage" != 2 ]; then
     timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -m gpu tests/test_attention.py \
         tests/test_bfloat16.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
 fi
-# SUITE_ARGS=--tiny makes a CPU smoke run of this script.
+# SUITE_ARGS=--tiny makes a CPU smoke run of this script. The suite first; then, in stage 2
+# (or all), the one-driver benchmark: the Engine at 1 and 8 steps per call and one request
+# through it against rj.generate (issue 19; one round, without the CPU's old-tree baseline).
 timeout "${SUITE_TIMEOUT:-330}" python3 experiments/gpu_suite.py --out "$out" "${only[@]}" \
     --deadline "${DEADLINE:-240}" "${model_args[@]}" ${SUITE_ARGS:-} \
     2>&1 | tee "$out/gpu_suite.log" | tail -40
+if [ "$stage" != 1 ]; then
+    timeout "${ENGINE_TIMEOUT:-150}" python3 experiments/engine_throughput.py --rounds 1 \
+        --skip-warmup --out "$out/engine_throughput" "${model_args[@]}" ${ENGINE_ARGS:-} \
+        2>&1 | tee "$out/engine_throughput.log" | tail -25
+fi
