@@ -85,10 +85,10 @@ class _Request:
 class _Pending(NamedTuple):
     """A dispatched device call whose outputs the host has not read."""
 
-    outputs: tuple  # prefill: (token [1], active [1]); steps: `StepsOut`
-    requests: tuple  # the request in each slot at dispatch (prefill: the one request)
-    steps: int  # steps dispatched (0 for a prefill)
-    per_step: int  # most tokens per step and row
+    outputs: tuple  # (tokens [B', E], counts [B'], accepted [B', k+1] or None, active [B'])
+    requests: tuple  # the request in each of its rows at dispatch (a prefill: the one request)
+    min_tokens: int  # tokens each running row gets from it at least (`_Request.unread_min`)
+    max_tokens: int  # and at most (`_Request.unread_max`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +378,8 @@ class Engine:
         args, spec = self._prefill_args(request.prompt, slot, self._request_row(request))
         self._caches, self._rows, token, active = prefill(*args, spec=spec)
         request.unread_min = request.unread_max = 1
-        self._pending.append(_Pending((token, active), (request,), 0, 1))
+        outputs = (token, np.ones(1, np.int32), None, active)
+        self._pending.append(_Pending(outputs, (request,), 1, 1))
 
     def _steps_args(self, num_steps: int):
         """The arguments and spec of a call of `num_steps` steps over the occupied slots."""
@@ -403,25 +404,23 @@ class Engine:
         self._sync_filtering()
         args, spec = self._steps_args(num_steps)
         self._rows, self._caches, out = run_steps(*args, spec=spec, max_steps=self.steps_per_call)
+        most = num_steps * self._per_step
         for request in running:
             request.unread_min += num_steps
-            request.unread_max += num_steps * self._per_step
-        self._pending.append(_Pending(out, tuple(self._slots), num_steps, self._per_step))
+            request.unread_max += most
+        outputs = (out.tokens, out.counts, out.accepted, out.active)
+        self._pending.append(_Pending(outputs, tuple(self._slots), num_steps, most))
         return True
 
     def _read(self, pending: _Pending) -> list[TokenEvent]:
         """Copy a call's outputs to the host and turn them into events."""
         events = []
-        if pending.steps == 0:  # a prefill
-            token, active = jax.device_get(pending.outputs)
-            tokens, counts, accepted, active = token[:, None], [1], None, active
-        else:
-            tokens, counts, accepted, active = jax.device_get(pending.outputs)
+        tokens, counts, accepted, active = jax.device_get(pending.outputs)
         for b, request in enumerate(pending.requests):
             if request is None:
                 continue
-            request.unread_min -= pending.steps or 1
-            request.unread_max -= pending.steps * pending.per_step or 1
+            request.unread_min -= pending.min_tokens
+            request.unread_max -= pending.max_tokens
             if request.request_id not in self._requests:  # cancelled since the dispatch
                 continue
             if accepted is not None:

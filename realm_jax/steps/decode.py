@@ -87,23 +87,15 @@ def append_and_sample(
     return sample(logits, rows.sampling, rngs), logits, cache
 
 
-def _prefill_cache(params, lora, tokens, num_tokens, cache, slot, row, spec, sample_it):
+def _prefill_cache(params, lora, tokens, num_tokens, cache, slot, row, spec):
     """Run the prompt alone in a fresh one-row cache of its padded length, then copy the row
-    into `slot` of `cache`: (first token [1] or None, cache)."""
+    into `slot` of `cache`: (first token [1], cache). The draft's prefill runs this too and
+    drops its token (one [1, V] product more, against a second way to prefill)."""
     t = tokens.shape[1]
     stacked = not isinstance(params.layers, tuple)
     dtype = cache.k.dtype if stacked else cache.k[0].dtype
     fresh = init_cache(spec.config, 1, t, dtype, stacked=stacked)
-    if sample_it:
-        token, _, fresh = append_and_sample(params, lora, tokens, num_tokens, fresh, row, spec)
-    else:  # a draft only needs the prompt's keys and values
-        positions = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
-        _, fresh = forward(
-            params, tokens, positions, fresh, num_tokens, config=spec.config, attn_len=t,
-            implementation=spec.implementation, lora=lora,
-            adapter_ids=None if lora is None else row.adapter_ids,
-        )  # fmt: skip
-        token = None
+    token, _, fresh = append_and_sample(params, lora, tokens, num_tokens, fresh, row, spec)
     return token, insert_row(cache, fresh, slot)
 
 
@@ -137,21 +129,20 @@ def prefill(
       slot: int32 scalar, the row to fill.
 
     Returns:
-      (caches, rows, first token [1] int32, still active [1] bool).
+      (caches, rows, first token [1, 1] int32 (the shape of `loop.StepsOut.tokens`),
+      still active [1] bool).
     """
     token, target = _prefill_cache(
-        weights.params, weights.lora, tokens, num_tokens, caches.target, slot, row, spec, True
+        weights.params, weights.lora, tokens, num_tokens, caches.target, slot, row, spec
     )
     draft = caches.draft
     if spec.draft is not None:
         params, lora = draft_weights(weights, spec.draft)
         draft_spec = dataclasses.replace(spec, config=spec.draft.config)
-        _, draft = _prefill_cache(
-            params, lora, tokens, num_tokens, draft, slot, row, draft_spec, False
-        )
+        _, draft = _prefill_cache(params, lora, tokens, num_tokens, draft, slot, row, draft_spec)
     row, _ = emit(row, token[:, None], jnp.ones((1,), jnp.int32))
     rows = jax.tree.map(lambda whole, one: whole.at[slot].set(one[0]), rows, row)
-    return Caches(target=target, draft=draft), rows, token, row.active
+    return Caches(target=target, draft=draft), rows, token[:, None], row.active
 
 
 def decode_step_unjitted(
